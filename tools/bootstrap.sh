@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Makes a fresh Debian 12 machine able to build, run and test the project:
+# apt packages, the pinned Python venv, and the guest kernel. Idempotent:
+# when everything is already there it does no work and prints nothing.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+state=${KATA_VMFACTORY_STATE:-/var/cache/kata-vmfactory}
+venv=${KATA_VMFACTORY_VENV:-$state/venv}
+
+# bazel-bootstrap is Debian's Bazel 4.2.3 (the newest reachable offline);
+# busybox-static and cpio go into the guest image.
+apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio python3-venv)
+
+step() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "bootstrap: need root to install ${missing[*]}" >&2; exit 1; }
+  step "installing ${missing[*]}"
+  t0=$SECONDS
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  step "apt done in $((SECONDS - t0)) s"
+fi
+
+# The venv runs on the machine's CPython (a shared libpython build: the guest
+# image carries the same interpreter). A stamp of the requirements' hash makes
+# the second run free.
+base_python=${KATA_VMFACTORY_PYTHON:-$(command -v python3)}
+want=$(cat "$root/requirements.txt" | sha256sum | cut -d' ' -f1)
+have=$(cat "$venv/.requirements.sha256" 2>/dev/null || true)
+if [ "$want" != "$have" ] || [ ! -x "$venv/bin/python3" ]; then
+  t0=$SECONDS
+  if [ ! -x "$venv/bin/python3" ]; then
+    step "creating venv $venv"
+    mkdir -p "$(dirname "$venv")"
+    "$base_python" -m venv "$venv"
+  fi
+  step "installing requirements.txt into $venv"
+  "$venv/bin/python3" -m pip install -q --disable-pip-version-check -r "$root/requirements.txt"
+  echo "$want" > "$venv/.requirements.sha256"
+  step "venv done in $((SECONDS - t0)) s"
+fi
+
+if [ ! -e "$state/kernel/current/kernel.json" ]; then
+  t0=$SECONDS
+  step "fetching the guest kernel into $state/kernel"
+  "$venv/bin/python3" "$root/tools/guest_kernel.py" --cache-dir "$state/kernel"
+  step "kernel done in $((SECONDS - t0)) s"
+fi
