@@ -1,0 +1,119 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The GrpcVM wire codec in Cython; behaviour defined by native/vmstate_pure.py."""
+from libc.stdint cimport uint64_t, int64_t, uint8_t
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.string cimport memcpy
+
+from native.vmstate_pure import GrpcVMFields
+
+
+cdef inline Py_ssize_t _put_varint(uint8_t* out, uint64_t value) noexcept:
+    cdef Py_ssize_t n = 0
+    while value > 0x7F:
+        out[n] = <uint8_t>((value & 0x7F) | 0x80)
+        value >>= 7
+        n += 1
+    out[n] = <uint8_t>value
+    return n + 1
+
+
+cdef inline Py_ssize_t _put_bytes(uint8_t* out, uint8_t tag, const char* src, Py_ssize_t length) noexcept:
+    if length == 0:
+        return 0
+    out[0] = tag
+    cdef Py_ssize_t n = 1 + _put_varint(out + 1, <uint64_t>length)
+    memcpy(out + n, src, length)
+    return n + length
+
+
+def encode_grpc_vm(str vm_id, hypervisor, long long proxy_pid, str proxy_url,
+                   long long cpu, long long memory, long long cpu_delta):
+    cdef bytes id_raw = vm_id.encode()
+    cdef bytes hv_raw = bytes(hypervisor)
+    cdef bytes url_raw = proxy_url.encode()
+    for value in (cpu, memory, cpu_delta):
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"uint32 field out of range: {value}")
+    # Upper bound: each field's tag + 10-byte varint + payload.
+    cdef Py_ssize_t cap = len(id_raw) + len(hv_raw) + len(url_raw) + 7 * 11
+    cdef bytearray buf = bytearray(cap)
+    cdef uint8_t* out = <uint8_t*>(<char*>buf)
+    cdef Py_ssize_t n = 0
+    n += _put_bytes(out + n, 0x0A, PyBytes_AS_STRING(id_raw), len(id_raw))
+    n += _put_bytes(out + n, 0x12, PyBytes_AS_STRING(hv_raw), len(hv_raw))
+    if proxy_pid:
+        out[n] = 0x18
+        n += 1 + _put_varint(out + n + 1, <uint64_t>proxy_pid)
+    n += _put_bytes(out + n, 0x22, PyBytes_AS_STRING(url_raw), len(url_raw))
+    if cpu:
+        out[n] = 0x28
+        n += 1 + _put_varint(out + n + 1, <uint64_t>cpu)
+    if memory:
+        out[n] = 0x30
+        n += 1 + _put_varint(out + n + 1, <uint64_t>memory)
+    if cpu_delta:
+        out[n] = 0x38
+        n += 1 + _put_varint(out + n + 1, <uint64_t>cpu_delta)
+    return PyBytes_FromStringAndSize(<char*>out, n)
+
+
+cdef inline uint64_t _get_varint(const uint8_t* data, Py_ssize_t end, Py_ssize_t* pos) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t result = 0
+    cdef int shift = 0
+    cdef uint8_t byte
+    while True:
+        if pos[0] >= end:
+            raise ValueError("truncated varint in GrpcVM")
+        byte = data[pos[0]]
+        pos[0] += 1
+        if shift < 64:
+            result |= (<uint64_t>(byte & 0x7F)) << shift
+        if not byte & 0x80:
+            return result
+        shift += 7
+        if shift >= 70:
+            raise ValueError("varint too long in GrpcVM")
+
+
+def decode_grpc_vm(const uint8_t[::1] data):
+    cdef Py_ssize_t pos = 0, end = data.shape[0], length
+    cdef uint64_t key, value
+    cdef int number, wire
+    cdef const uint8_t* p = &data[0] if end else NULL
+    vm_id, url, hv = "", "", b""
+    cdef long long proxy_pid = 0
+    cdef unsigned int cpu = 0, memory = 0, cpu_delta = 0
+    while pos < end:
+        key = _get_varint(p, end, &pos)
+        number = <int>(key >> 3)
+        wire = <int>(key & 7)
+        if wire == 0:
+            value = _get_varint(p, end, &pos)
+            if number == 3:
+                proxy_pid = <int64_t>value
+            elif number == 5:
+                cpu = <unsigned int>value
+            elif number == 6:
+                memory = <unsigned int>value
+            elif number == 7:
+                cpu_delta = <unsigned int>value
+        elif wire == 2:
+            length = <Py_ssize_t>_get_varint(p, end, &pos)
+            if length < 0 or pos + length > end:
+                raise ValueError("truncated length-delimited field in GrpcVM")
+            if number == 1:
+                vm_id = PyBytes_FromStringAndSize(<const char*>(p + pos), length).decode()
+            elif number == 4:
+                url = PyBytes_FromStringAndSize(<const char*>(p + pos), length).decode()
+            elif number == 2:
+                hv = PyBytes_FromStringAndSize(<const char*>(p + pos), length)
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire} in GrpcVM")
+        if pos > end:
+            raise ValueError("truncated fixed-width field in GrpcVM")
+    return GrpcVMFields(vm_id, hv, proxy_pid, url, cpu, memory, cpu_delta)
