@@ -1,0 +1,1 @@
+"""The QEMU driver: command line, accelerator choice, QMP, VM process lifecycle."""

@@ -1,0 +1,73 @@
+"""The QEMU command line for each launch mode: direct boot, template, clone.
+
+A clone's device list must equal its template's (QEMU does not notice an extra
+or missing device, the guest just never sees it), so all three modes come
+from one function and differ only where they must.
+"""
+from __future__ import annotations
+
+from factory.config import HypervisorConfig
+from factory.hypervisor.accelerator import Accelerator
+from factory.hypervisor.rundir import RunDir
+
+# Our own kernel command line; the config's kernel_params are appended.
+# panic=-1 with -no-reboot turns a guest panic into a QEMU exit we can report.
+BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
+
+AGENT_PORT_NAME = "agent.0"
+SHARED_FS_TAG = "kataShared"
+MEMORY_BACKEND_ID = "mem0"
+
+
+def build(cfg: HypervisorConfig, accel: Accelerator, run: RunDir, vm_id: str) -> list[str]:
+    """`cfg` must already be valid() (defaults filled)."""
+    cmd = [
+        cfg.qemu_path,
+        "-name", f"kata-vm-{vm_id}",
+        "-machine", f"{cfg.machine},memory-backend={MEMORY_BACKEND_ID}",
+        "-accel", accel.name,
+        "-cpu", accel.cpu_model,
+        "-smp", f"{cfg.num_vcpus},maxcpus={cfg.max_vcpus}",
+        "-m", f"{cfg.memory_mib}M,slots={cfg.memory_slots},maxmem={cfg.max_memory_mib}M",
+        "-object", _memory_backend(cfg),
+        # -display none, not -nographic: QEMU refuses -nographic with -daemonize.
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-rtc", "base=utc",
+        "-chardev", f"file,id=console0,path={run.console_log}",
+        "-serial", "chardev:console0",
+        "-qmp", f"unix:{run.qmp_socket},server=on,wait=off",
+        # QEMU is the server: whoever owns the VM next can connect, and a
+        # guest write while nobody is connected waits instead of being lost.
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent0,path={run.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME},bus=vser0.0",
+        "-device", "virtio-rng-pci,id=rng0",
+    ]
+    if cfg.vmgenid:
+        # A fresh GUID per process: the guest reseeds its CRNG when it changes.
+        cmd += ["-device", "vmgenid,id=vmgenid0,guid=auto"]
+    if cfg.shared_fs == "virtio-9p":
+        cmd += [
+            "-fsdev", f"local,id=fs0,path={run.shared_dir},security_model=none",
+            "-device", f"virtio-9p-pci,id=fs0dev,fsdev=fs0,mount_tag={SHARED_FS_TAG}",
+        ]
+    if cfg.boot_from_template:
+        # Paused until the device state is loaded; no kernel or initrd needed
+        # (their pages come from the template's memory file).
+        cmd += ["-S", "-incoming", "defer"]
+    else:
+        params = " ".join(p for p in (BASE_KERNEL_PARAMS, cfg.kernel_params) if p)
+        cmd += ["-kernel", cfg.kernel_path, "-initrd", cfg.initrd_path, "-append", params]
+    cmd += ["-pidfile", str(run.pidfile), "-daemonize"]
+    return cmd
+
+
+def _memory_backend(cfg: HypervisorConfig) -> str:
+    size = f"size={cfg.memory_mib}M"
+    if cfg.boot_to_be_template:
+        # share=on: the guest's RAM is written through to the template file.
+        return f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},mem-path={cfg.memory_path},share=on"
+    if cfg.boot_from_template:
+        # share=off: a private copy-on-write mapping; clones share unwritten pages.
+        return f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},mem-path={cfg.memory_path},share=off"
+    return f"memory-backend-ram,id={MEMORY_BACKEND_ID},{size}"
