@@ -1,0 +1,156 @@
+"""A VM: the QEMU process plus the channel to its guest agent, and its size.
+
+What upstream's vm.go is: the factory strategies hand these out, get_vm post-
+processes them, and VMCache moves them between processes (disconnect here,
+re-attach there).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+from opentelemetry.context import Context
+
+from factory import tracing
+from factory.agent.client import AgentClient
+from factory.config import VMConfig
+from factory.errors import AgentError, AgentTimeoutError, BootError
+from factory.hypervisor import process
+from factory.hypervisor.qemu import Qemu, QemuState
+from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, tail
+
+# Entropy sent to the guest after every clone or hand-off (upstream: 512 bytes).
+RESEED_BYTES = 512
+# How often a boot wait checks that QEMU is still there.
+LIVENESS_POLL_S = 0.05
+# After the agent channel drops during boot, how long QEMU gets to finish exiting.
+EXIT_GRACE_S = 2.0
+
+_TRACER = "kata_vmfactory.vm"
+
+
+class VM:
+    def __init__(self, config: VMConfig, hypervisor: Qemu, agent: AgentClient,
+                 cpu: int, memory_mib: int, cpu_delta: int = 0) -> None:
+        self.config = config
+        self.hypervisor = hypervisor
+        self.agent = agent
+        self.cpu = cpu
+        self.memory_mib = memory_mib
+        self.cpu_delta = cpu_delta  # hot-added CPUs the guest has not onlined yet
+
+    @property
+    def id(self) -> str:
+        return self.hypervisor.state.id
+
+    @classmethod
+    async def new(cls, config: VMConfig, run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None,
+                  vm_id: str | None = None) -> "VM":
+        """Boots a VM from a valid() config. A directly booted VM is running with its agent
+        answering; a clone (boot_from_template) comes back paused with its state loaded."""
+        vm_id = vm_id or str(uuid.uuid4())
+        hv = config.hypervisor
+        with tracing.span(_TRACER, "vm.NewVM", ctx, subsystem="vm", vm_id=vm_id) as span_ctx:
+            qemu = await Qemu.launch(hv, vm_id, run_root, span_ctx)
+            vm = cls(config, qemu, AgentClient(str(qemu.run.agent_socket)), hv.num_vcpus, hv.memory_mib)
+            try:
+                await vm.agent.connect(config.agent.dial_timeout_s)
+                if not hv.boot_from_template:
+                    await vm.wait_agent(config.agent.dial_timeout_s, span_ctx)
+            except BaseException:
+                await vm.stop()
+                raise
+            return vm
+
+    async def wait_agent(self, timeout_s: float, ctx: Context | None = None) -> None:
+        """Waits for the guest agent's first answer; fails at once if QEMU dies meanwhile."""
+        with tracing.span(_TRACER, "vm.WaitAgent", ctx, subsystem="vm", vm_id=self.id) as span_ctx:
+            check = asyncio.ensure_future(self.agent.check(timeout_s=timeout_s, ctx=span_ctx))
+            while not check.done():
+                await asyncio.wait({check}, timeout=LIVENESS_POLL_S)
+                if not check.done() and not self.hypervisor.is_alive():
+                    check.cancel()
+                    raise BootError(f"VM {self.id}: QEMU exited before the guest agent answered\n"
+                                    f"guest console (last lines):\n{tail(self.hypervisor.run.console_log)}")
+            try:
+                check.result()
+            except AgentTimeoutError as err:
+                raise AgentTimeoutError(f"{err}\nguest console (last lines):\n{tail(self.hypervisor.run.console_log)}") from err
+            except AgentError as err:
+                # The channel closes when QEMU exits (a guest panic with -no-reboot).
+                if await asyncio.to_thread(process.wait_gone, self.hypervisor.state.pid,
+                                           self.hypervisor.state.pid_start_time, EXIT_GRACE_S):
+                    raise BootError(f"VM {self.id}: QEMU exited before the guest agent answered\n"
+                                    f"guest console (last lines):\n{tail(self.hypervisor.run.console_log)}") from err
+                raise
+
+    # ---- upstream VM methods ----------------------------------------------
+
+    async def pause(self, ctx: Context | None = None) -> None:
+        await self.hypervisor.pause(ctx)
+
+    async def resume(self, ctx: Context | None = None) -> None:
+        await self.hypervisor.resume(ctx)
+
+    async def save(self, state_path: str, ctx: Context | None = None) -> None:
+        await self.hypervisor.save_template(state_path, ctx)
+
+    async def disconnect(self) -> None:
+        """Lets go of the agent and QMP channels, leaving the VM running or paused."""
+        await self.agent.close()
+        await self.hypervisor.disconnect()
+
+    async def stop(self, ctx: Context | None = None) -> None:
+        with tracing.span(_TRACER, "vm.Stop", ctx, subsystem="vm", vm_id=self.id) as span_ctx:
+            try:
+                await self.agent.close()
+            finally:
+                await self.hypervisor.stop(span_ctx)
+
+    async def add_cpus(self, count: int, ctx: Context | None = None) -> int:
+        if count <= 0:
+            return 0
+        added = await self.hypervisor.hotplug_cpus(count, ctx)
+        self.cpu += added
+        self.cpu_delta += added
+        return added
+
+    async def add_memory(self, size_mib: int, ctx: Context | None = None) -> None:
+        if size_mib <= 0:
+            return
+        await self.hypervisor.hotplug_memory(size_mib, ctx)
+        self.memory_mib += size_mib  # upstream forgets this; status would lie
+
+    async def online_cpu_memory(self, ctx: Context | None = None) -> None:
+        """Has the guest online hot-plugged CPUs and memory, waiting until all CPUs are up."""
+        await self.agent.online_cpu_mem(nb_cpus=self.cpu, wait=True, ctx=ctx)
+        self.cpu_delta = 0
+
+    async def reseed_rng(self, ctx: Context | None = None) -> None:
+        await self.agent.reseed_random_dev(os.urandom(RESEED_BYTES), ctx=ctx)
+
+    async def sync_time(self, ctx: Context | None = None) -> None:
+        now_ns = time.time_ns()
+        await self.agent.set_guest_date_time(now_ns // 1_000_000_000, (now_ns // 1000) % 1_000_000, ctx=ctx)
+
+    def status(self) -> dict[str, int]:
+        """Upstream GrpcVMStatus: the QEMU pid (0 when gone), CPUs and MiB."""
+        return {"pid": self.hypervisor.state.pid if self.hypervisor.is_alive() else 0,
+                "cpu": self.cpu, "memory": self.memory_mib}
+
+    # ---- hand-over --------------------------------------------------------
+
+    @classmethod
+    async def attach(cls, config: VMConfig, state: QemuState, cpu: int, memory_mib: int, cpu_delta: int,
+                     ctx: Context | None = None) -> "VM":
+        """Takes over a VM another process started and disconnected from."""
+        qemu = await Qemu.from_state(state, ctx)
+        vm = cls(config, qemu, AgentClient(str(qemu.run.agent_socket)), cpu, memory_mib, cpu_delta)
+        try:
+            await vm.agent.connect(config.agent.dial_timeout_s)
+        except AgentError:
+            await qemu.disconnect()
+            raise
+        return vm

@@ -1,0 +1,55 @@
+"""A directory laid out like the parts of /proc and /sys the agent touches, for host-side tests.
+
+The real files are kernel attributes; here they are plain files, so "hot-plugging" a CPU is
+creating a directory and onlining it is the agent writing "1" into a file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from guest.agent.guestfs import GuestRoot
+
+BOOT_ID = "0f3c1b1e-6a0e-4d5b-9a52-5b0c8e0f1c2d"
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class FakeGuest:
+    def __init__(self, directory: str, *, possible_cpus: int = 4, mem_total_kib: int = 500_000) -> None:
+        self.directory = directory
+        # The host's real /dev/urandom: reading and the reseed ioctl work on it (the latter as root).
+        self.root = GuestRoot(directory, urandom="/dev/urandom")
+        _write(self.root.path("proc/sys/kernel/random/boot_id"), BOOT_ID + "\n")
+        self.set_mem_total(mem_total_kib)
+        _write(self.root.path("sys/devices/system/cpu/possible"), f"0-{possible_cpus - 1}\n")
+        # The boot CPU has no `online` file: it cannot be offlined.
+        os.makedirs(os.path.join(self.root.cpu_dir, "cpu0"), exist_ok=True)
+        os.makedirs(self.root.memory_dir, exist_ok=True)
+
+    def set_mem_total(self, kib: int) -> None:
+        _write(self.root.path("proc/meminfo"), f"MemTotal:       {kib} kB\nMemFree:        {kib // 2} kB\n")
+
+    def add_cpu(self, cpu: int, online: bool = False) -> None:
+        _write(os.path.join(self.root.cpu_dir, f"cpu{cpu}", "online"), "1\n" if online else "0\n")
+
+    def cpu_online(self, cpu: int) -> bool:
+        with open(os.path.join(self.root.cpu_dir, f"cpu{cpu}", "online")) as f:
+            return f.read().strip() == "1"
+
+    def add_memory_blocks(self, blocks: Iterable[int], online: bool = False) -> None:
+        for block in blocks:
+            _write(os.path.join(self.root.memory_dir, f"memory{block}", "state"), "online\n" if online else "offline\n")
+
+    def memory_state(self, block: int) -> str:
+        with open(os.path.join(self.root.memory_dir, f"memory{block}", "state")) as f:
+            return f.read().strip()
+
+    def add_virtio_port(self, device: str, name: str) -> None:
+        _write(os.path.join(self.root.virtio_ports_dir, device, "name"), name + "\n")
+        _write(self.root.dev(device), "")

@@ -1,0 +1,297 @@
+"""The agent's logic: decoded frames in, GuestMessages out. No device I/O of the channel here.
+
+AgentHandler is driven by the service loop (guest/agent/service.py) in the guest and directly by
+unit tests on the host: guest state is reached through a GuestRoot, the clock through callables.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+from google.protobuf.message import DecodeError
+
+from guest.agent import AGENT_VERSION, hotplug
+from guest.agent.guestfs import GuestRoot
+from guest.agent.log import describe_exception, log
+from guest.agent.uevent import Uevent
+from protocols.agent import agent_pb2
+from protocols.agent.framing import PROTOCOL_VERSION, OversizedFrame
+
+# ioctl RNDRESEEDCRNG (_IO('R', 0x07)): make the CRNG reseed now from the pool we just fed, so
+# bytes read right after the request already differ between clones.
+RNDRESEEDCRNG = 0x5207
+# ReadRandom answers fit comfortably in one frame and a test needs no more.
+MAX_READ_RANDOM_BYTES = 4096
+# Bound for OnlineCPUMem{wait}: under TCG a hot-added CPU appears and is onlined in ~130 ms;
+# 10 s leaves room for a loaded host. The host's own timeout for that call must be longer.
+ONLINE_WAIT_TIMEOUT_S = 10.0
+# While an OnlineCPUMem{wait} is pending, sysfs is rescanned this often in case a uevent is lost.
+ONLINE_WAIT_RESCAN_S = 0.05
+
+DecodedItem = Union[bytes, OversizedFrame]
+
+
+class RequestError(Exception):
+    """The request is invalid or could not be carried out; the message goes back to the host."""
+
+
+class _PendingOnline:
+    def __init__(self, request_id: int, request: agent_pb2.OnlineCPUMemRequest, deadline: float) -> None:
+        self.request_id = request_id
+        self.request = request
+        self.deadline = deadline
+        self.onlined_cpus: List[int] = []
+        self.onlined_blocks: List[int] = []
+
+
+def response_message(request_id: int, error: str = "") -> agent_pb2.GuestMessage:
+    message = agent_pb2.GuestMessage()
+    message.response.id = request_id
+    message.response.error = error
+    return message
+
+
+class AgentHandler:
+    def __init__(
+        self,
+        root: GuestRoot = GuestRoot(),
+        *,
+        set_realtime_ns: Callable[[int], None] = lambda ns: time.clock_settime_ns(time.CLOCK_REALTIME, ns),
+        monotonic: Callable[[], float] = time.monotonic,
+        online_wait_timeout_s: float = ONLINE_WAIT_TIMEOUT_S,
+    ) -> None:
+        self.root = root
+        self._set_realtime_ns = set_realtime_ns
+        self._monotonic = monotonic
+        self._online_wait_timeout_s = online_wait_timeout_s
+        self._pending: List[_PendingOnline] = []
+
+    # --- entry points for the service loop -------------------------------------------------------
+
+    def startup_messages(self) -> List[agent_pb2.GuestMessage]:
+        """Online whatever is offline already, and announce the agent."""
+        self._online_everything(cpu_only=False)
+        message = agent_pb2.GuestMessage()
+        started = message.event.agent_started
+        started.agent_version = AGENT_VERSION
+        started.protocol_version = PROTOCOL_VERSION
+        started.boot_id = self.root.boot_id()
+        started.uptime_seconds = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return [message]
+
+    def handle_frame(self, item: DecodedItem) -> List[agent_pb2.GuestMessage]:
+        """Messages answering one decoded frame (none yet if the answer has to wait)."""
+        if isinstance(item, OversizedFrame):
+            return [response_message(0, f"request rejected: {item.describe()}")]
+        try:
+            request = agent_pb2.Request.FromString(item)
+        except DecodeError as exc:
+            return [response_message(0, f"undecodable request frame of {len(item)} bytes: {exc}")]
+        kind = request.WhichOneof("kind")
+        method = getattr(self, f"_handle_{kind}", None) if kind else None
+        if method is None:
+            return [
+                response_message(
+                    request.id,
+                    f"unsupported request (no known request set in Request {request.id}); this agent "
+                    f"{AGENT_VERSION} speaks protocol version {PROTOCOL_VERSION}",
+                )
+            ]
+        try:
+            reply = method(request.id, getattr(request, kind))
+        except RequestError as exc:
+            return [response_message(request.id, f"{kind}: {exc}")]
+        except OSError as exc:
+            return [response_message(request.id, f"{kind}: {exc}")]
+        except Exception as exc:  # keep serving: one bad handler must not kill the agent
+            description = describe_exception(exc)
+            log(f"internal error in {kind}: {description}")
+            return [response_message(request.id, f"{kind}: internal agent error: {description}")]
+        return [] if reply is None else [reply]
+
+    def handle_uevents(self, uevents: Sequence[Uevent], rescan: bool = False) -> List[agent_pb2.GuestMessage]:
+        """Online hot-plugged CPUs and memory named by "add" uevents (everything if `rescan`)."""
+        cpus: List[int] = []
+        blocks: List[int] = []
+        for uevent in uevents:
+            if uevent.action != "add":
+                continue
+            if uevent.subsystem == "cpu":
+                number = hotplug.device_number(uevent.devpath, "cpu")
+                if number is not None:
+                    cpus.append(number)
+            elif uevent.subsystem == "memory":
+                number = hotplug.device_number(uevent.devpath, "memory")
+                if number is not None:
+                    blocks.append(number)
+        if not (cpus or blocks or rescan):
+            return []
+        cpu_result = hotplug.online_cpus(self.root, None if rescan else cpus)
+        memory_result = hotplug.online_memory(self.root, None if rescan else blocks)
+        for failure in cpu_result.failures + memory_result.failures:
+            log(f"could not online {failure}")
+        messages = self.tick()
+        if cpu_result.onlined or memory_result.onlined:
+            event = agent_pb2.GuestMessage()
+            onlined = event.event.cpu_mem_onlined
+            onlined.cpus.extend(cpu_result.onlined)
+            onlined.memory_blocks.extend(memory_result.onlined)
+            onlined.online_cpus = hotplug.count_online_cpus(self.root)
+            onlined.mem_total_kib = self.root.mem_total_kib()
+            log(f"onlined cpus {cpu_result.onlined} memory blocks {memory_result.onlined}")
+            messages.append(event)
+        return messages
+
+    def tick(self) -> List[agent_pb2.GuestMessage]:
+        """Answer the OnlineCPUMem{wait} requests that are satisfied or out of time."""
+        if not self._pending:
+            return []
+        now = self._monotonic()
+        done: List[agent_pb2.GuestMessage] = []
+        still: List[_PendingOnline] = []
+        for pending in self._pending:
+            try:
+                answer = self._advance_online(pending, now)
+            except Exception as exc:
+                answer = response_message(pending.request_id, f"online_cpu_mem: {describe_exception(exc)}")
+            if answer is None:
+                still.append(pending)
+            else:
+                done.append(answer)
+        self._pending = still
+        return done
+
+    def seconds_until_tick(self) -> Optional[float]:
+        """How long the service loop may sleep before tick() has work; None: no deadline."""
+        if not self._pending:
+            return None
+        until_deadline = min(p.deadline for p in self._pending) - self._monotonic()
+        return max(0.0, min(ONLINE_WAIT_RESCAN_S, until_deadline))
+
+    def cancel_pending(self) -> int:
+        """Drop waiting requests (their host went away). Returns how many were dropped."""
+        count = len(self._pending)
+        self._pending = []
+        return count
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def _reply(self, request_id: int, kind: str) -> agent_pb2.GuestMessage:
+        """A success Response with its `kind` set (empty replies too: the host checks it)."""
+        message = response_message(request_id)
+        getattr(message.response, kind).SetInParent()
+        return message
+
+    def _handle_check(self, request_id: int, request: agent_pb2.CheckRequest) -> agent_pb2.GuestMessage:
+        message = self._reply(request_id, "check")
+        message.response.check.agent_version = AGENT_VERSION
+        message.response.check.protocol_version = PROTOCOL_VERSION
+        return message
+
+    def _handle_get_guest_details(
+        self, request_id: int, request: agent_pb2.GetGuestDetailsRequest
+    ) -> agent_pb2.GuestMessage:
+        message = self._reply(request_id, "get_guest_details")
+        details = message.response.get_guest_details
+        details.boot_id = self.root.boot_id()
+        details.uptime_seconds = time.clock_gettime(time.CLOCK_BOOTTIME)
+        details.kernel_release = os.uname().release
+        details.online_cpus = hotplug.count_online_cpus(self.root)
+        details.mem_total_kib = self.root.mem_total_kib()
+        wall = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        details.wall_clock_sec, details.wall_clock_nsec = divmod(wall, 1_000_000_000)
+        return message
+
+    def _handle_reseed_random_dev(
+        self, request_id: int, request: agent_pb2.ReseedRandomDevRequest
+    ) -> agent_pb2.GuestMessage:
+        if not request.data:
+            raise RequestError("data is empty; send host entropy (e.g. 64 bytes of os.urandom)")
+        fd = os.open(self.root.urandom, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            written = os.write(fd, request.data)
+            if written != len(request.data):
+                raise RequestError(f"wrote {written} of {len(request.data)} bytes to {self.root.urandom}")
+            try:
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+            except OSError as exc:
+                raise RequestError(f"ioctl RNDRESEEDCRNG on {self.root.urandom} failed: {exc}") from exc
+        finally:
+            os.close(fd)
+        return self._reply(request_id, "reseed_random_dev")
+
+    def _handle_set_guest_date_time(
+        self, request_id: int, request: agent_pb2.SetGuestDateTimeRequest
+    ) -> agent_pb2.GuestMessage:
+        if request.sec <= 0:
+            raise RequestError(f"sec={request.sec} is not a time after 1970; send time.time_ns() // 10**9")
+        if not 0 <= request.usec < 1_000_000:
+            raise RequestError(f"usec={request.usec} is outside 0..999999")
+        try:
+            self._set_realtime_ns(request.sec * 1_000_000_000 + request.usec * 1000)
+        except OverflowError as exc:
+            raise RequestError(f"sec={request.sec} is out of range for the guest clock") from exc
+        return self._reply(request_id, "set_guest_date_time")
+
+    def _handle_read_random(self, request_id: int, request: agent_pb2.ReadRandomRequest) -> agent_pb2.GuestMessage:
+        if not 0 < request.length <= MAX_READ_RANDOM_BYTES:
+            raise RequestError(f"length={request.length} is outside 1..{MAX_READ_RANDOM_BYTES}")
+        with open(self.root.urandom, "rb", buffering=0) as f:
+            data = f.read(request.length)
+        message = self._reply(request_id, "read_random")
+        message.response.read_random.data = data
+        return message
+
+    def _handle_online_cpu_mem(
+        self, request_id: int, request: agent_pb2.OnlineCPUMemRequest
+    ) -> Optional[agent_pb2.GuestMessage]:
+        possible = self.root.possible_cpus()
+        if request.nb_cpus and possible is not None and request.nb_cpus > possible:
+            raise RequestError(
+                f"nb_cpus={request.nb_cpus} is more than the {possible} CPUs this VM can have "
+                "(QEMU -smp maxcpus)"
+            )
+        pending = _PendingOnline(request_id, request, deadline=self._monotonic() + self._online_wait_timeout_s)
+        answer = self._advance_online(pending, self._monotonic())
+        if answer is None:
+            self._pending.append(pending)
+        return answer
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _online_everything(self, cpu_only: bool) -> Tuple[hotplug.OnlineResult, hotplug.OnlineResult]:
+        cpus = hotplug.online_cpus(self.root)
+        memory = hotplug.OnlineResult() if cpu_only else hotplug.online_memory(self.root)
+        return cpus, memory
+
+    def _advance_online(self, pending: _PendingOnline, now: float) -> Optional[agent_pb2.GuestMessage]:
+        """Online what is there; the reply if the request is satisfied or timed out, else None."""
+        request = pending.request
+        cpus, memory = self._online_everything(request.cpu_only)
+        pending.onlined_cpus.extend(cpus.onlined)
+        pending.onlined_blocks.extend(memory.onlined)
+        online = hotplug.count_online_cpus(self.root)
+        waiting = request.wait and request.nb_cpus > 0 and online < request.nb_cpus
+        if waiting and now < pending.deadline:
+            return None
+        failures = cpus.failures + memory.failures  # of the latest scan: earlier ones may have cleared
+        if waiting:
+            return response_message(
+                pending.request_id,
+                f"online_cpu_mem: {online} of nb_cpus={request.nb_cpus} CPUs online after "
+                f"{self._online_wait_timeout_s:g} s (present: {hotplug.present_cpus(self.root)})"
+                + (f"; failures: {', '.join(failures)}" if failures else "")
+                + "; was the CPU hot-plugged (QMP device_add)?",
+            )
+        if failures:
+            return response_message(pending.request_id, f"online_cpu_mem: could not online {', '.join(failures)}")
+        message = self._reply(pending.request_id, "online_cpu_mem")
+        reply = message.response.online_cpu_mem
+        reply.onlined_cpus = len(pending.onlined_cpus)
+        reply.onlined_memory_blocks = len(pending.onlined_blocks)
+        reply.online_cpus = online
+        reply.mem_total_kib = self.root.mem_total_kib()
+        return message

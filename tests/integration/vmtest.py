@@ -1,0 +1,66 @@
+"""Shared helpers for tests that boot real VMs: a per-test run root that is
+always cleaned, a leak check, and the base config the tests boot."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from factory.config import AgentConfig, HypervisorConfig, VMConfig
+
+# Small guests keep the suite's tmpfs and memory use low on 2-core CI machines.
+TEST_MEMORY_MIB = 512
+# TCG boots take seconds; on a loaded CI machine several times that.
+TEST_BOOT_TIMEOUT_S = 90.0
+
+
+def base_config(**hypervisor) -> VMConfig:
+    hv = dict(memory_mib=TEST_MEMORY_MIB, max_vcpus=4, max_memory_mib=4096, accelerator="auto")
+    hv.update(hypervisor)
+    return VMConfig(hypervisor=HypervisorConfig(**hv), agent=AgentConfig(dial_timeout_s=TEST_BOOT_TIMEOUT_S)).valid()
+
+
+def short_tempdir(prefix: str) -> str:
+    # Under /tmp directly: socket paths must stay under 107 bytes.
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+def clean_up_root(root: str) -> list[str]:
+    """Kills whatever still runs from `root` and removes it; returns what had leaked."""
+    leaks = []
+    pids = processes_mentioning(root)
+    for pid in pids:
+        leaks.append(f"process {pid} still running")
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    deadline = time.monotonic() + 5
+    while pids and time.monotonic() < deadline and processes_mentioning(root):
+        time.sleep(0.05)
+    if os.path.isdir(root):
+        leaks += [f"run directory {root}/{name} left behind" for name in sorted(os.listdir(root))]
+        shutil.rmtree(root, ignore_errors=True)
+    return leaks
