@@ -1,0 +1,156 @@
+"""The cache strategy: N workers keep N paused VMs ready and refill at once.
+
+Better than upstream: a failed boot is retried with backoff and shown in
+status instead of closing the whole cache; a ready VM whose QEMU died is
+dropped and replaced, never handed out; a wait for a VM is bounded.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from opentelemetry.context import Context
+
+from factory import tracing
+from factory.base import FactoryBase
+from factory.config import VMConfig
+from factory.errors import FactoryError
+from factory.vm import VM
+
+# Retry a failing base after 1 s, doubling to at most 30 s: a broken config
+# should not spin QEMU starts, a transient failure should heal soon.
+RETRY_INITIAL_S = 1.0
+RETRY_MAX_S = 30.0
+# How often ready VMs are checked for a dead QEMU.
+WATCH_INTERVAL_S = 1.0
+# A caller waits at most this long for a ready VM (TCG boots take seconds).
+GET_TIMEOUT_S = 120.0
+
+_TRACER = "kata_vmfactory.factory"
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One worker's VM: ready (vm set), being built, or failing."""
+    index: int
+    vm: VM | None = None
+    taken: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    failures: int = 0
+    last_error: str = ""
+    ready_at: float = 0.0
+
+
+class CacheFactory(FactoryBase):
+    def __init__(self, base: FactoryBase, count: int, get_timeout_s: float = GET_TIMEOUT_S,
+                 on_ready=None) -> None:
+        if count < 1:
+            raise ValueError(f"cache size must be at least 1, got {count}")
+        self.base = base
+        self.count = count
+        self.get_timeout_s = get_timeout_s
+        self._on_ready = on_ready  # progress callback(slot_index, vm, seconds)
+        self._slots = [_Slot(i) for i in range(count)]
+        self._ready: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._closed = False
+        self._tasks = [asyncio.ensure_future(self._worker(slot)) for slot in self._slots]
+        self._tasks.append(asyncio.ensure_future(self._watch()))
+
+    def config(self) -> VMConfig:
+        return self.base.config()
+
+    async def _worker(self, slot: _Slot) -> None:
+        delay = RETRY_INITIAL_S
+        while not self._closed:
+            started = time.monotonic()
+            try:
+                vm = await self.base.get_base_vm(self.base.config())
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # keep serving: show it, back off, retry
+                slot.failures += 1
+                slot.last_error = str(err)
+                log.error("cache slot %d: building a VM failed (%d in a row), retrying in %.0f s: %s",
+                          slot.index, slot.failures, delay, err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            delay = RETRY_INITIAL_S
+            slot.failures, slot.last_error = 0, ""
+            slot.vm, slot.ready_at = vm, time.monotonic()
+            slot.taken.clear()
+            if self._on_ready:
+                self._on_ready(slot.index, vm, slot.ready_at - started)
+            await self._ready.put(slot)
+            await slot.taken.wait()
+
+    async def _watch(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            for slot in self._slots:
+                vm = slot.vm
+                if vm is not None and not vm.hypervisor.is_alive():
+                    await self._drop_dead(slot)
+
+    async def _drop_dead(self, slot: _Slot) -> None:
+        vm, slot.vm = slot.vm, None
+        if vm is None:
+            return
+        log.warning("cache slot %d: VM %s died (QEMU pid %d gone); replacing it",
+                    slot.index, vm.id, vm.hypervisor.state.pid)
+        slot.last_error = f"VM {vm.id} died while cached"
+        await vm.stop()
+        slot.taken.set()  # the worker builds a new one
+
+    async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:
+        with tracing.span(_TRACER, "cache.GetBaseVM", ctx, subsystem="factory"):
+            deadline = time.monotonic() + self.get_timeout_s
+            while True:
+                if self._closed:
+                    raise FactoryError("cache factory is closed")
+                remaining = deadline - time.monotonic()
+                try:
+                    slot = await asyncio.wait_for(self._ready.get(), max(remaining, 0))
+                except asyncio.TimeoutError:
+                    raise FactoryError(self._timeout_message()) from None
+                vm, slot.vm = slot.vm, None
+                if vm is None:
+                    continue  # dropped by the watcher after it was queued
+                slot.taken.set()  # refill at once
+                if vm.hypervisor.is_alive():
+                    return vm
+                log.warning("cache slot %d: VM %s died before hand-out; taking another", slot.index, vm.id)
+                await vm.stop()
+
+    def _timeout_message(self) -> str:
+        failing = [f"slot {s.index}: {s.last_error}" for s in self._slots if s.last_error]
+        why = ("; failing: " + "; ".join(failing)) if failing else "; all VMs are still booting or taken"
+        return f"no cached VM became ready within {self.get_timeout_s:.0f} s{why}"
+
+    def status(self) -> list[dict[str, int]]:
+        return [s.vm.status() for s in self._slots if s.vm is not None]
+
+    def details(self) -> dict:
+        return {
+            "strategy": "cache",
+            "size": self.count,
+            "ready": sum(1 for s in self._slots if s.vm is not None),
+            "errors": [{"slot": s.index, "failures": s.failures, "error": s.last_error}
+                       for s in self._slots if s.last_error],
+            "base": self.base.details(),
+        }
+
+    async def close(self, ctx: Context | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        vms = [s.vm for s in self._slots if s.vm is not None]
+        for slot in self._slots:
+            slot.vm = None
+        await asyncio.gather(*(vm.stop() for vm in vms), return_exceptions=True)
+        await self.base.close(ctx)

@@ -1,0 +1,204 @@
+"""The template strategy: one saved VM whose RAM every clone maps copy-on-write.
+
+On disk (a tmpfs at template_path): `memory` (guest RAM), `state` (device
+state) and `metadata.json`, which records everything a clone must match;
+fetch refuses a template whose metadata differs from the current config
+(upstream keeps no metadata and clones a stale template silently).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from opentelemetry.context import Context
+
+from factory import memfile, mounts, tracing
+from factory.base import FactoryBase
+from factory.config import VMConfig
+from factory.errors import TemplateError
+from factory.hypervisor import cmdline
+from factory.hypervisor.accelerator import Accelerator
+from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir
+from factory.vm import VM
+from protocols.agent.framing import PROTOCOL_VERSION
+
+DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"
+# tmpfs room beyond guest RAM for the device state (a few hundred KB on x86).
+DEVICE_STATE_MIB = 8
+METADATA_VERSION = 1
+
+_TRACER = "kata_vmfactory.factory"
+log = logging.getLogger(__name__)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _qemu_version(qemu_path: str) -> str:
+    try:
+        out = subprocess.run([qemu_path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"unknown ({err})"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def expected_metadata(config: VMConfig) -> dict:
+    """What a clone booted from `config` must share with the template."""
+    hv = config.hypervisor
+    # The device list as QEMU would get it: a clone with different devices
+    # loads without error and the guest never sees the difference.
+    probe = cmdline.build(hv, Accelerator("tcg", "max", "metadata"), RunDir(Path("/run-dir"), "metadata"), "metadata")
+    devices = [probe[i + 1] for i, a in enumerate(probe) if a == "-device"]
+    return {
+        "metadata_version": METADATA_VERSION,
+        "kernel_sha256": _sha256(hv.kernel_path),
+        "initrd_sha256": _sha256(hv.initrd_path),
+        "kernel_params": hv.kernel_params,
+        "memory_mib": hv.memory_mib,
+        "num_vcpus": hv.num_vcpus,
+        "max_vcpus": hv.max_vcpus,
+        "memory_slots": hv.memory_slots,
+        "max_memory_mib": hv.max_memory_mib,
+        "machine": hv.machine,
+        "devices": devices,
+        "qemu_version": _qemu_version(hv.qemu_path),
+        "agent_protocol_version": PROTOCOL_VERSION,
+    }
+
+
+class TemplateFactory(FactoryBase):
+    def __init__(self, config: VMConfig, path: str, run_root: str = DEFAULT_RUN_ROOT,
+                 created: bool = False) -> None:
+        self._config = config
+        self.path = Path(path)
+        self.run_root = run_root
+        self.created = created  # this process made it (and so its owner removes it)
+        self.punch_report: memfile.PunchReport | None = None
+
+    @property
+    def memory_path(self) -> Path:
+        return self.path / "memory"
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.path / "metadata.json"
+
+    def config(self) -> VMConfig:
+        return self._config
+
+    # ---- create / fetch ---------------------------------------------------
+
+    @classmethod
+    async def create(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
+                     run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None) -> "TemplateFactory":
+        self = cls(config, path, run_root, created=True)
+        with tracing.span(_TRACER, "template.New", ctx, subsystem="factory", path=path) as span_ctx:
+            if self._files_present():
+                raise TemplateError(f"There is already a VM template in {path}; "
+                                    "remove it with `kata-runtime factory destroy` first")
+            try:
+                self._prepare_files()
+                await self._boot_and_save(span_ctx)
+            except BaseException:
+                await self.close()
+                raise
+        return self
+
+    @classmethod
+    def fetch(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
+              run_root: str = DEFAULT_RUN_ROOT) -> "TemplateFactory":
+        self = cls(config, path, run_root)
+        if not self._files_present():
+            raise TemplateError(f"no VM template in {path} (need {self.memory_path} and {self.state_path}); "
+                                "create one with `kata-runtime factory init`")
+        try:
+            recorded = json.loads(self.metadata_path.read_text())
+        except (OSError, ValueError) as err:
+            raise TemplateError(f"VM template in {path} has no readable metadata ({err}); "
+                                "destroy and re-create it") from err
+        expected = expected_metadata(config)
+        differences = [f"{key}: template has {recorded.get(key)!r}, config needs {value!r}"
+                       for key, value in expected.items() if recorded.get(key) != value]
+        if differences:
+            raise TemplateError(f"VM template in {path} does not match the configuration; "
+                                "run `kata-runtime factory destroy` and `init` again. Differences: "
+                                + "; ".join(differences))
+        return self
+
+    def _files_present(self) -> bool:
+        return self.memory_path.is_file() and self.state_path.is_file()
+
+    def _prepare_files(self) -> None:
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not mounts.is_mountpoint(str(self.path)):
+            mounts.mount_tmpfs(str(self.path), self._config.hypervisor.memory_mib + DEVICE_STATE_MIB)
+        with open(self.memory_path, "wb") as f:
+            f.truncate(self._config.hypervisor.memory_mib * 1024 * 1024)
+
+    async def _boot_and_save(self, ctx: Context | None) -> None:
+        hv = dataclasses.replace(self._config.hypervisor, boot_to_be_template=True, boot_from_template=False,
+                                 memory_path=str(self.memory_path), devices_state_path=str(self.state_path))
+        vm = await VM.new(dataclasses.replace(self._config, hypervisor=hv), self.run_root, ctx)
+        try:
+            # The guest agent sees the host leave before the snapshot, so every
+            # clone starts from "no host connected" and accepts its new owner.
+            await vm.agent.close()
+            await vm.pause(ctx)
+            await vm.save(str(self.state_path), ctx)
+        finally:
+            # Saved once, the template must never run again: running would
+            # write into the shared memory file under every clone's feet.
+            await vm.stop(ctx)
+        self.punch_report = memfile.punch_zero_pages(str(self.memory_path))
+        log.info("template %s: %d pages scanned, %d zero pages freed (%.1f MiB)", self.path,
+                 self.punch_report.pages_scanned, self.punch_report.zero_pages_freed, self.punch_report.mib_saved)
+        self.metadata_path.write_text(json.dumps(expected_metadata(self._config), indent=1, sort_keys=True))
+
+    # ---- clones -------------------------------------------------------------
+
+    def clone_config(self, request: VMConfig | None = None) -> VMConfig:
+        hv = dataclasses.replace(self._config.hypervisor, boot_to_be_template=False, boot_from_template=True,
+                                 memory_path=str(self.memory_path), devices_state_path=str(self.state_path))
+        return dataclasses.replace(self._config, hypervisor=hv)
+
+    async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:
+        with tracing.span(_TRACER, "template.GetBaseVM", ctx, subsystem="factory") as span_ctx:
+            # The template's config, not the request's: a clone is what the template was.
+            return await VM.new(self.clone_config(config), self.run_root, span_ctx)
+
+    async def close(self, ctx: Context | None = None) -> None:
+        """Unmounts (lazily) and removes the template; errors are logged, as upstream."""
+        if mounts.is_mountpoint(str(self.path)):
+            try:
+                mounts.unmount_lazy(str(self.path))
+            except OSError as err:
+                log.warning("failed to unmount %s: %s", self.path, err)
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():
+            log.warning("failed to remove %s", self.path)
+
+    def details(self) -> dict:
+        info = {"strategy": "template", "path": str(self.path)}
+        try:
+            info["metadata"] = json.loads(self.metadata_path.read_text())
+            info["memory"] = memfile.residency(str(self.memory_path))
+        except (OSError, ValueError):
+            pass
+        if self.punch_report:
+            info["zero_pages_freed"] = self.punch_report.zero_pages_freed
+        return info

@@ -1,0 +1,93 @@
+"""A fake hypervisor and agent for factory logic tests (no QEMU).
+
+They stand in for factory.hypervisor.qemu.Qemu and factory.agent.client.AgentClient
+and record what the factory asked of them.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from types import SimpleNamespace
+
+from factory.config import VMConfig
+from factory.vm import VM
+
+_ids = itertools.count(1)
+
+
+class FakeQemu:
+    def __init__(self, config: VMConfig) -> None:
+        n = next(_ids)
+        self.state = SimpleNamespace(id=f"vm-{n}", pid=10_000 + n, memory_mib=config.hypervisor.memory_mib)
+        self.run = SimpleNamespace(console_log=Path("/nonexistent"), agent_socket=Path("/nonexistent"))
+        self.config = config
+        self.alive = True
+        self.paused = False
+        self.stopped = False
+        self.calls: list[str] = []
+
+    def is_alive(self) -> bool:
+        return self.alive and not self.stopped
+
+    async def pause(self, ctx=None):
+        self.calls.append("pause")
+        self.paused = True
+
+    async def resume(self, ctx=None):
+        self.calls.append("resume")
+        self.paused = False
+
+    async def stop(self, ctx=None):
+        self.calls.append("stop")
+        self.stopped = True
+
+    async def disconnect(self):
+        self.calls.append("disconnect")
+
+    async def hotplug_cpus(self, count, ctx=None):
+        self.calls.append(f"hotplug_cpus {count}")
+        return count
+
+    async def hotplug_memory(self, size_mib, ctx=None):
+        self.calls.append(f"hotplug_memory {size_mib}")
+
+
+class FakeAgent:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.fail_on: str | None = None
+
+    def _record(self, name):
+        self.calls.append(name)
+        if self.fail_on == name:
+            raise RuntimeError(f"agent {name} failed")
+
+    async def close(self):
+        self.calls.append("close")
+
+    async def reseed_random_dev(self, data, ctx=None):
+        self._record("reseed")
+
+    async def set_guest_date_time(self, sec, usec, ctx=None):
+        self._record("set_time")
+
+    async def online_cpu_mem(self, nb_cpus=0, cpu_only=False, wait=False, ctx=None):
+        self._record(f"online {nb_cpus}")
+
+
+def fake_vm(config: VMConfig) -> VM:
+    hv = config.hypervisor
+    return VM(config, FakeQemu(config), FakeAgent(), hv.num_vcpus, hv.memory_mib)
+
+
+def install(monkeypatch) -> list[VM]:
+    """Makes VM.new build fake VMs; returns the list of every VM it made."""
+    made: list[VM] = []
+
+    async def new(cls, config, run_root="/run/vc/vm", ctx=None, vm_id=None):
+        vm = fake_vm(config)
+        made.append(vm)
+        return vm
+
+    monkeypatch.setattr(VM, "new", classmethod(new))
+    return made
