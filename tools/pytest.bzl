@@ -5,7 +5,7 @@ def pytest_test(name, srcs, deps = [], data = [], args = [], tags = [], **kwargs
         name = name,
         srcs = srcs + ["//tools:pytest_runner.py"],
         main = "//tools:pytest_runner.py",
-        args = args + ["$(location %s)" % s for s in srcs],
+        args = args + ["$(location %s)" % s for s in srcs if s.split("/")[-1].startswith("test_")],
         deps = deps,
         data = data,
         tags = tags,
