@@ -80,6 +80,11 @@ class Factory:
                 log.info("fallback to direct factory vm: %s", err)
                 source = DirectFactory(config, self.run_root)
             vm = await source.get_base_vm(config, span_ctx)
+            if not vm.hypervisor.is_alive():
+                # Died between hand-out and now (killed, OOM): one more try.
+                log.warning("base VM %s died before use; taking another", vm.id)
+                await vm.stop(span_ctx)
+                vm = await source.get_base_vm(config, span_ctx)
             try:
                 # Upstream returns the fallback VM paused; every path resumes here.
                 await vm.resume(span_ctx)

@@ -56,3 +56,30 @@ def terminate(pid: int, started: int, grace_s: float) -> bool:
         return True
     kill_group(pid, started, signal.SIGKILL)
     return wait_gone(pid, started, grace_s)
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (a VM's run directory)."""
+    found = []
+    needle = text.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle not in f.read():
+                    continue
+        except OSError:
+            continue
+        pid = int(entry)
+        if start_time(pid) is not None:
+            found.append(pid)
+    return found
+
+
+def kill_mentioning(text: str, grace_s: float) -> None:
+    """Last resort when a launch fails before QEMU's pid is known."""
+    for pid in pids_mentioning(text):
+        started = start_time(pid)
+        if started is not None:
+            terminate(pid, started, grace_s)

@@ -101,6 +101,10 @@ class Qemu:
                 detail = _boot_detail(run)
                 if vm is not None:
                     await vm.stop()
+                else:
+                    # Failed or cancelled before the pid was known: QEMU may
+                    # still have started; find it by its run directory.
+                    await asyncio.to_thread(process.kill_mentioning, str(run.path) + "/", STOP_GRACE_S)
                 run.remove()
                 if isinstance(err, HypervisorError) and detail:
                     raise BootError(f"{err}\n{detail}") from err
@@ -271,10 +275,13 @@ async def _daemonize(cmd: list[str], run: RunDir) -> tuple[int, int]:
             start_new_session=True)
     try:
         code = await asyncio.wait_for(launcher.wait(), LAUNCH_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        launcher.kill()
-        await launcher.wait()
-        raise HypervisorTimeoutError(f"QEMU did not finish starting within {LAUNCH_TIMEOUT_S:.0f} s: {' '.join(cmd)}")
+    except BaseException as err:  # timeout or cancellation: never leave the launcher
+        if launcher.returncode is None:
+            launcher.kill()
+            await asyncio.shield(launcher.wait())
+        if isinstance(err, asyncio.TimeoutError):
+            raise HypervisorTimeoutError(f"QEMU did not finish starting within {LAUNCH_TIMEOUT_S:.0f} s: {' '.join(cmd)}") from None
+        raise
     if code != 0:
         raise HypervisorError(f"QEMU exited with status {code} while starting: {' '.join(cmd)}")
     try:

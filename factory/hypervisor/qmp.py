@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any, Callable
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
 from factory.errors import HypervisorError, HypervisorTimeoutError
 
@@ -60,6 +60,8 @@ class QMP:
             raise HypervisorTimeoutError(f"QMP {command} on {self.socket_path} did not answer within {timeout_s:.1f} s") from err
         except ExecuteError as err:
             raise HypervisorError(f"QMP {command} {arguments or ''} failed: {err.error_class}: {err}") from err
+        except (QMPError, EOFError, OSError) as err:
+            raise HypervisorError(f"QMP {command} on {self.socket_path} failed: QEMU went away ({err!r})") from err
 
     async def pass_fd(self, fd: int, name: str) -> None:
         """Hands an open file to QEMU by name (getfd), for `fd:NAME` migration URIs.

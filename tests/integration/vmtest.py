@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,12 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def mounts_under(root: str) -> list[str]:
+    with open("/proc/mounts") as f:
+        points = [line.split()[1] for line in f]
+    return [p for p in points if p == root or p.startswith(root.rstrip("/") + "/")]
+
+
 def clean_up_root(root: str) -> list[str]:
     """Kills whatever still runs from `root` and removes it; returns what had leaked."""
     leaks = []
@@ -57,6 +64,9 @@ def clean_up_root(root: str) -> list[str]:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+    for mountpoint in mounts_under(root):
+        leaks.append(f"mount {mountpoint} left behind")
+        subprocess.run(["umount", "-l", mountpoint], check=False)
     deadline = time.monotonic() + 5
     while pids and time.monotonic() < deadline and processes_mentioning(root):
         time.sleep(0.05)
