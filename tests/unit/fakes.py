@@ -9,7 +9,8 @@ import itertools
 from pathlib import Path
 from types import SimpleNamespace
 
-from factory.config import VMConfig
+from factory.base import FactoryBase
+from factory.config import HypervisorConfig, VMConfig
 from factory.vm import VM
 
 _ids = itertools.count(1)
@@ -91,3 +92,35 @@ def install(monkeypatch) -> list[VM]:
 
     monkeypatch.setattr(VM, "new", classmethod(new))
     return made
+
+
+def config(**hv) -> VMConfig:
+    base = dict(kernel_path="/k", initrd_path="/i", max_vcpus=8, max_memory_mib=8192, memory_mib=512)
+    base.update(hv)
+    return VMConfig(hypervisor=HypervisorConfig(**base))
+
+
+class FlakyBase(FactoryBase):
+    """A strategy handing out fake VMs of its base size (as a template does), failing first `failures` times."""
+
+    def __init__(self, failures: int = 0, base_config: VMConfig | None = None) -> None:
+        self._config = base_config or config().valid()
+        self.failures = failures
+        self.built = []
+        self.closed = False
+
+    def config(self):
+        return self._config
+
+    async def get_base_vm(self, config, ctx=None):
+        config = self._config  # like a template: the base size, whatever was asked
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("QEMU exploded")
+        vm = fake_vm(config)
+        await vm.pause()
+        self.built.append(vm)
+        return vm
+
+    async def close(self, ctx=None):
+        self.closed = True

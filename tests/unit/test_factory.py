@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from tests.unit import fakes
+from tests.unit.fakes import FlakyBase as _FlakyBase, config as _config
 from factory import cache as cache_module
 from factory.base import FactoryBase
 from factory.cache import CacheFactory
@@ -14,12 +15,6 @@ from factory.config import HypervisorConfig, VMConfig
 from factory.direct import DirectFactory
 from factory.errors import ConfigError, FactoryError
 from factory.factory import Factory, FactoryConfig, check_vm_config, new_factory
-
-
-def _config(**hv) -> VMConfig:
-    base = dict(kernel_path="/k", initrd_path="/i", max_vcpus=8, max_memory_mib=8192, memory_mib=512)
-    base.update(hv)
-    return VMConfig(hypervisor=HypervisorConfig(**base))
 
 
 def test_sizes_and_template_fields_do_not_make_configs_incompatible():
@@ -66,7 +61,7 @@ def test_a_direct_vm_is_booted_at_the_requested_size_not_hot_plugged_twice(monke
 
 def test_a_smaller_request_keeps_the_base_size():
     async def body():
-        factory = Factory(_FlakyBase(config=_config(num_vcpus=2, memory_mib=1024).valid()))
+        factory = Factory(_FlakyBase(base_config=_config(num_vcpus=2, memory_mib=1024).valid()))
         vm = await factory.get_vm(_config(num_vcpus=1, memory_mib=512))
         assert not [c for c in vm.hypervisor.calls if c.startswith("hotplug")]
         assert (vm.cpu, vm.memory_mib) == (2, 1024)
@@ -120,30 +115,6 @@ def test_status_works_for_every_strategy(monkeypatch):
 def test_fetch_with_a_cache_is_refused():
     with pytest.raises(FactoryError, match="cache factory does not support fetch"):
         asyncio.run(new_factory(FactoryConfig(cache=2, vm_config=_config()), fetch_only=True))
-
-
-class _FlakyBase(FactoryBase):
-    def __init__(self, failures: int = 0, config: VMConfig | None = None) -> None:
-        self._config = config or _config().valid()
-        self.failures = failures
-        self.built = []
-        self.closed = False
-
-    def config(self):
-        return self._config
-
-    async def get_base_vm(self, config, ctx=None):
-        config = self._config  # like a template: the base size, whatever was asked
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("QEMU exploded")
-        vm = fakes.fake_vm(config)
-        await vm.pause()
-        self.built.append(vm)
-        return vm
-
-    async def close(self, ctx=None):
-        self.closed = True
 
 
 async def _until(predicate, timeout=5.0):
