@@ -3,8 +3,11 @@
 from libc.stdint cimport uint64_t, int64_t, uint8_t
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memcpy
+from libc.stdlib cimport malloc, free
 
 from native.vmstate_pure import GrpcVMFields
+
+_tuple_new = tuple.__new__
 
 
 cdef inline Py_ssize_t _put_varint(uint8_t* out, uint64_t value) noexcept:
@@ -29,32 +32,35 @@ cdef inline Py_ssize_t _put_bytes(uint8_t* out, uint8_t tag, const char* src, Py
 def encode_grpc_vm(str vm_id, hypervisor, long long proxy_pid, str proxy_url,
                    long long cpu, long long memory, long long cpu_delta):
     cdef bytes id_raw = vm_id.encode()
-    cdef bytes hv_raw = bytes(hypervisor)
+    cdef bytes hv_raw = hypervisor if type(hypervisor) is bytes else bytes(hypervisor)
     cdef bytes url_raw = proxy_url.encode()
-    for value in (cpu, memory, cpu_delta):
-        if not 0 <= value <= 0xFFFFFFFF:
-            raise ValueError(f"uint32 field out of range: {value}")
+    if cpu < 0 or cpu > 0xFFFFFFFF or memory < 0 or memory > 0xFFFFFFFF or cpu_delta < 0 or cpu_delta > 0xFFFFFFFF:
+        raise ValueError(f"uint32 field out of range: {(cpu, memory, cpu_delta)}")
     # Upper bound: each field's tag + 10-byte varint + payload.
     cdef Py_ssize_t cap = len(id_raw) + len(hv_raw) + len(url_raw) + 7 * 11
-    cdef bytearray buf = bytearray(cap)
-    cdef uint8_t* out = <uint8_t*>(<char*>buf)
+    cdef uint8_t* out = <uint8_t*>malloc(cap)
+    if out == NULL:
+        raise MemoryError()
     cdef Py_ssize_t n = 0
-    n += _put_bytes(out + n, 0x0A, PyBytes_AS_STRING(id_raw), len(id_raw))
-    n += _put_bytes(out + n, 0x12, PyBytes_AS_STRING(hv_raw), len(hv_raw))
-    if proxy_pid:
-        out[n] = 0x18
-        n += 1 + _put_varint(out + n + 1, <uint64_t>proxy_pid)
-    n += _put_bytes(out + n, 0x22, PyBytes_AS_STRING(url_raw), len(url_raw))
-    if cpu:
-        out[n] = 0x28
-        n += 1 + _put_varint(out + n + 1, <uint64_t>cpu)
-    if memory:
-        out[n] = 0x30
-        n += 1 + _put_varint(out + n + 1, <uint64_t>memory)
-    if cpu_delta:
-        out[n] = 0x38
-        n += 1 + _put_varint(out + n + 1, <uint64_t>cpu_delta)
-    return PyBytes_FromStringAndSize(<char*>out, n)
+    try:
+        n += _put_bytes(out + n, 0x0A, PyBytes_AS_STRING(id_raw), len(id_raw))
+        n += _put_bytes(out + n, 0x12, PyBytes_AS_STRING(hv_raw), len(hv_raw))
+        if proxy_pid:
+            out[n] = 0x18
+            n += 1 + _put_varint(out + n + 1, <uint64_t>proxy_pid)
+        n += _put_bytes(out + n, 0x22, PyBytes_AS_STRING(url_raw), len(url_raw))
+        if cpu:
+            out[n] = 0x28
+            n += 1 + _put_varint(out + n + 1, <uint64_t>cpu)
+        if memory:
+            out[n] = 0x30
+            n += 1 + _put_varint(out + n + 1, <uint64_t>memory)
+        if cpu_delta:
+            out[n] = 0x38
+            n += 1 + _put_varint(out + n + 1, <uint64_t>cpu_delta)
+        return PyBytes_FromStringAndSize(<char*>out, n)
+    finally:
+        free(out)
 
 
 cdef inline uint64_t _get_varint(const uint8_t* data, Py_ssize_t end, Py_ssize_t* pos) except? 0xFFFFFFFFFFFFFFFF:
@@ -116,4 +122,5 @@ def decode_grpc_vm(const uint8_t[::1] data):
             raise ValueError(f"unsupported wire type {wire} in GrpcVM")
         if pos > end:
             raise ValueError("truncated fixed-width field in GrpcVM")
-    return GrpcVMFields(vm_id, hv, proxy_pid, url, cpu, memory, cpu_delta)
+    # tuple.__new__ skips the namedtuple's Python-level __new__.
+    return _tuple_new(GrpcVMFields, (vm_id, hv, proxy_pid, url, cpu, memory, cpu_delta))
