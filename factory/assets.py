@@ -18,7 +18,9 @@ def default_kernel_path() -> str:
 
 
 def default_initrd_path() -> str:
-    return str(_RUNFILES_ROOT / "guest" / "initramfs.cpio.gz")
+    # Resolved to the build output itself: every binary's runfiles link to the
+    # same file, so the VMCache server and its clients agree on the path.
+    return os.path.realpath(_RUNFILES_ROOT / "guest" / "initramfs.cpio.gz")
 
 
 def kernel_info() -> dict:

@@ -27,6 +27,8 @@ RESEED_BYTES = 512
 LIVENESS_POLL_S = 0.05
 # After the agent channel drops during boot, how long QEMU gets to finish exiting.
 EXIT_GRACE_S = 2.0
+# One try of the post-resume handshake; a resumed guest answers in tens of ms.
+HANDSHAKE_TRY_S = 0.5
 
 _TRACER = "kata_vmfactory.vm"
 
@@ -92,7 +94,29 @@ class VM:
         await self.hypervisor.pause(ctx)
 
     async def resume(self, ctx: Context | None = None) -> None:
+        """Resumes the guest and re-establishes its agent channel."""
         await self.hypervisor.resume(ctx)
+        await self.handshake(self.config.agent.dial_timeout_s, ctx)
+
+    async def handshake(self, timeout_s: float, ctx: Context | None = None) -> None:
+        """Checks until the agent answers this connection.
+
+        A resumed clone or handed-over VM may first process the previous
+        owner's disconnect and drop what the new owner sent meanwhile, so the
+        first Check is repeated (stale answers are ignored by id).
+        """
+        with tracing.span(_TRACER, "vm.Handshake", ctx, subsystem="vm", vm_id=self.id) as span_ctx:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    await self.agent.check(timeout_s=HANDSHAKE_TRY_S, ctx=span_ctx)
+                    return
+                except AgentTimeoutError:
+                    if not self.hypervisor.is_alive():
+                        raise BootError(f"VM {self.id}: QEMU exited while resuming\n"
+                                        f"guest console (last lines):\n{tail(self.hypervisor.run.console_log)}")
+                    if time.monotonic() > deadline:
+                        raise
 
     async def save(self, state_path: str, ctx: Context | None = None) -> None:
         await self.hypervisor.save_template(state_path, ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -71,6 +72,11 @@ def clean_up_root(root: str) -> list[str]:
     while pids and time.monotonic() < deadline and processes_mentioning(root):
         time.sleep(0.05)
     if os.path.isdir(root):
-        leaks += [f"run directory {root}/{name} left behind" for name in sorted(os.listdir(root))]
+        for dirpath, dirnames, filenames in os.walk(root):
+            if "hypervisor.json" in filenames or "pid" in filenames:
+                leaks.append(f"VM run directory {dirpath} left behind")
+            for name in filenames:
+                if stat.S_ISSOCK(os.lstat(os.path.join(dirpath, name)).st_mode) and "hypervisor.json" not in filenames:
+                    leaks.append(f"socket {dirpath}/{name} left behind")
         shutil.rmtree(root, ignore_errors=True)
     return leaks

@@ -66,6 +66,9 @@ class FakeAgent:
     async def close(self):
         self.calls.append("close")
 
+    async def check(self, timeout_s=None, ctx=None):
+        self._record("check")
+
     async def reseed_random_dev(self, data, ctx=None):
         self._record("reseed")
 

@@ -34,7 +34,7 @@ def test_get_vm_resumes_reseeds_and_sets_the_clock(monkeypatch):
         factory = Factory(DirectFactory(_config().valid()))
         vm = await factory.get_vm(_config())
         assert vm.hypervisor.calls == ["pause", "resume"]
-        assert vm.agent.calls == ["reseed", "set_time"]
+        assert vm.agent.calls == ["check", "reseed", "set_time"]
         assert len(made) == 1
     asyncio.run(body())
 
@@ -84,7 +84,7 @@ def test_an_incompatible_request_gets_a_running_direct_vm(monkeypatch):
     async def body():
         vm = await Factory(Refuses()).get_vm(_config(kernel_params="other"))
         assert vm.hypervisor.calls == ["pause", "resume"]  # upstream leaves it paused
-        assert vm.agent.calls == ["reseed", "set_time"]
+        assert vm.agent.calls == ["check", "reseed", "set_time"]
         assert vm.config.hypervisor.kernel_params == "other"
     asyncio.run(body())
     assert len(made) == 1

@@ -1,0 +1,130 @@
+"""kata-runtime factory init|status|destroy, with upstream's output lines."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Sequence, TextIO
+
+import grpc
+from google.protobuf import empty_pb2
+
+from factory.errors import FactoryError, TemplateError
+from factory.template import TemplateFactory
+from protocols.cache import cache_pb2, cache_pb2_grpc
+from runtime.config.loader import RuntimeConfig
+
+# How long destroy waits for the server to stop its VMs and remove its socket.
+DESTROY_WAIT_S = 30.0
+RPC_TIMEOUT_S = 5.0
+
+USAGE = """usage: kata-runtime factory COMMAND
+
+manage vm factory
+
+commands:
+  init      initialize a VM factory based on kata-runtime configuration
+  destroy   destroy the VM factory
+  status    query the status of VM factory (--json: as JSON, with template metadata and pool errors)"""
+
+
+def _stub(endpoint: str) -> tuple[grpc.Channel, cache_pb2_grpc.CacheServiceStub]:
+    channel = grpc.insecure_channel(f"unix://{endpoint}")
+    return channel, cache_pb2_grpc.CacheServiceStub(channel)
+
+
+def init(config: RuntimeConfig, out: TextIO) -> int:
+    if config.vm_cache_number > 0:
+        from vmcache.server import serve
+        asyncio.run(serve(config))
+        return 0
+    if config.enable_template:
+        asyncio.run(TemplateFactory.create(config.vm_config, config.template_path, config.vm_run_root))
+        print("vm factory initialized", file=out)
+        return 0
+    print("vm factory or VMCache is not enabled", file=out)
+    return 0
+
+
+def destroy(config: RuntimeConfig, out: TextIO) -> int:
+    if config.vm_cache_number > 0:
+        endpoint = config.vm_cache_endpoint
+        if not os.path.exists(endpoint):
+            raise FactoryError(f'failed to connect "{endpoint}": no VMCache server socket there')
+        channel, stub = _stub(endpoint)
+        with channel:
+            try:
+                stub.Quit(empty_pb2.Empty(), timeout=RPC_TIMEOUT_S)
+            except grpc.RpcError as err:
+                raise FactoryError(f"failed to call gRPC Quit: {err.details() or err.code().name}") from err
+        # Upstream sleeps a second; waiting for the socket to go means the
+        # server has stopped its VMs and removed its template too.
+        deadline = time.monotonic() + DESTROY_WAIT_S
+        while os.path.exists(endpoint) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if os.path.exists(endpoint):
+            raise FactoryError(f"VMCache server at {endpoint} did not stop within {DESTROY_WAIT_S:.0f} s")
+    elif config.enable_template:
+        # No fetch (it would refuse a template made for another config, which
+        # is exactly one worth destroying).
+        if os.path.exists(config.template_path):
+            asyncio.run(TemplateFactory(config.vm_config, config.template_path).close())
+    print("vm factory destroyed", file=out)
+    return 0
+
+
+def status(config: RuntimeConfig, out: TextIO, as_json: bool = False) -> int:
+    facts: dict = {"config": config.path}
+    if config.vm_cache_number > 0:
+        endpoint = config.vm_cache_endpoint
+        channel, stub = _stub(endpoint)
+        with channel:
+            try:
+                reply = stub.Status(empty_pb2.Empty(), timeout=RPC_TIMEOUT_S)
+                facts["vm_cache"] = {"endpoint": endpoint, "server_pid": reply.pid,
+                                     "vms": [{"pid": v.pid, "cpu": v.cpu, "memory_mib": v.memory} for v in reply.vmstatus]}
+                if not as_json:
+                    print(f"VM cache server pid = {reply.pid}", file=out)
+                    for v in reply.vmstatus:
+                        print(f"VM pid = {v.pid} Cpu = {v.cpu} Memory = {v.memory}MiB", file=out)
+            except grpc.RpcError as err:
+                detail = err.details() or err.code().name
+                facts["vm_cache"] = {"endpoint": endpoint, "error": detail}
+                if not as_json:
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        print(f'failed to connect "{endpoint}": {detail}', file=out)
+                    else:
+                        print(f"failed to call gRPC Status\n: {detail}", file=out)
+    if config.enable_template:
+        try:
+            template = TemplateFactory.fetch(config.vm_config, config.template_path, config.vm_run_root)
+            facts["template"] = {"on": True, **template.details()}
+            line = "vm factory is on"
+        except TemplateError as err:
+            facts["template"] = {"on": False, "path": config.template_path, "error": str(err)}
+            line = "vm factory is off"
+    else:
+        facts["template"] = {"on": False, "enabled": False}
+        line = "vm factory not enabled"
+    if as_json:
+        print(json.dumps(facts, indent=2, sort_keys=True), file=out)
+    else:
+        print(line, file=out)
+    return 0
+
+
+def run(config: RuntimeConfig, args: Sequence[str], out: TextIO, as_json: bool) -> int:
+    if not args or args[0] in ("help", "-h", "--help"):
+        print(USAGE, file=out)
+        return 0
+    command, rest = args[0], args[1:]
+    if rest:
+        raise FactoryError(f"factory {command}: unexpected arguments {' '.join(rest)}")
+    if command == "init":
+        return init(config, out)
+    if command == "destroy":
+        return destroy(config, out)
+    if command == "status":
+        return status(config, out, as_json)
+    raise FactoryError(f"unknown factory command {command!r}; one of init, destroy, status")

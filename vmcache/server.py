@@ -1,0 +1,70 @@
+"""The VMCache server: a cache of ready VMs served as cache.CacheService on a Unix socket.
+
+`bazel run //vmcache:server` and `kata-runtime factory init` (with
+vm_cache_number > 0) both run serve() in the foreground.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import TextIO
+
+import grpc
+
+from factory import tracing
+from factory.errors import ConfigError
+from factory.factory import new_factory
+from runtime.config.loader import RuntimeConfig
+from vmcache import endpoint
+from vmcache.service import CacheService
+
+# In-flight calls get this long to finish when the server stops.
+STOP_GRACE_S = 2.0
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
+    if config.vm_cache_number <= 0:
+        raise ConfigError(f"{config.path}: factory.vm_cache_number is {config.vm_cache_number}, so VMCache is "
+                          "disabled; set it to the number of VMs to keep ready")
+    if config.tracing.enabled:
+        tracing.setup(config.tracing.exporter, "kata-vmcache", config.tracing.otlp_endpoint)
+    path = config.vm_cache_endpoint
+    endpoint.claim(path)
+    started = time.monotonic()
+    ready = 0
+
+    def on_ready(slot: int, vm, seconds: float) -> None:
+        nonlocal ready
+        ready += 1
+        print(f"vmcache: VM {vm.id} ready in {seconds:.2f} s (slot {slot}, pid {vm.hypervisor.state.pid}, "
+              f"{ready} made since start, {time.monotonic() - started:.1f} s)", file=progress, flush=True)
+
+    what = "template clones" if config.enable_template else "directly booted VMs"
+    print(f"vmcache: preparing {config.vm_cache_number} {what}"
+          + (f" (creating the template in {config.template_path})" if config.enable_template else ""),
+          file=progress, flush=True)
+    factory = await new_factory(config.factory_config(cache=config.vm_cache_number, vm_cache=True),
+                                on_ready=on_ready)
+    stopping = asyncio.Event()
+    server = grpc.aio.server()
+    try:
+        server.add_generic_rpc_handlers([CacheService(factory, stopping.set).handler()])
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        os.chmod(path, 0o600)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        print(f"vmcache: VM cache server start, endpoint {path}", file=progress, flush=True)
+        await stopping.wait()
+    finally:
+        await server.stop(STOP_GRACE_S)
+        await factory.close()
+        endpoint.release(path)
+        print("vmcache: VM cache server stop", file=progress, flush=True)

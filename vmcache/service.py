@@ -1,0 +1,101 @@
+"""cache.CacheService on top of a Factory: Config, GetBaseVM, Status, Quit.
+
+GetBaseVM returns pre-encoded GrpcVM bytes (native codec) through a raw
+response serializer: the hot path builds no message objects.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+import grpc
+from google.protobuf import empty_pb2
+from opentelemetry import propagate
+
+from factory import tracing
+from factory.factory import Factory
+from factory.vm import VM
+from native import vmstate
+from protocols.cache import cache_pb2
+
+SERVICE = "cache.CacheService"
+# Upstream: Quit answers at once and the server stops a second later.
+QUIT_DELAY_S = 1.0
+
+_TRACER = "kata_vmfactory.vmcache"
+log = logging.getLogger(__name__)
+
+
+def grpc_vm_bytes(vm: VM) -> bytes:
+    hypervisor = json.dumps(vm.hypervisor.state.to_dict(), sort_keys=True).encode()
+    return vmstate.encode_grpc_vm(vm.id, hypervisor, 0, "", vm.cpu, vm.memory_mib, vm.cpu_delta)
+
+
+def _trace_context(context: grpc.aio.ServicerContext):
+    # The client's span travels as W3C traceparent metadata.
+    return propagate.extract({k: v for k, v in context.invocation_metadata() or ()})
+
+
+class CacheService:
+    def __init__(self, factory: Factory, on_quit: Callable[[], None]) -> None:
+        self.factory = factory
+        self._on_quit = on_quit
+        config = factory.config()
+        # Computed once, as upstream: the base config does not change.
+        self._config_reply = cache_pb2.GrpcVMConfig(
+            Data=config.to_json(),
+            AgentConfig=json.dumps(config.to_dict()["agent"], sort_keys=True).encode())
+
+    async def config(self, request: empty_pb2.Empty, context) -> cache_pb2.GrpcVMConfig:
+        return self._config_reply
+
+    async def get_base_vm(self, request: empty_pb2.Empty, context) -> bytes:
+        with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(context), subsystem="vmcache") as ctx:
+            try:
+                vm = await self.factory.get_base_vm(self.factory.config(), ctx)
+            except Exception as err:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"failed to GetBaseVM: {err}")
+            try:
+                # The receiver connects to QMP and the agent next: a QMP socket
+                # serves one client, so let go of both first.
+                await vm.disconnect()
+                reply = grpc_vm_bytes(vm)
+            except BaseException:
+                await vm.stop()
+                raise
+            # A client that went away mid-call never receives the VM: stop it
+            # rather than leave a QEMU nobody owns.
+            context.add_done_callback(lambda call: _stop_if_undelivered(call, vm))
+            return reply
+
+    async def status(self, request: empty_pb2.Empty, context) -> cache_pb2.GrpcStatus:
+        return cache_pb2.GrpcStatus(pid=os.getpid(), vmstatus=[
+            cache_pb2.GrpcVMStatus(pid=s["pid"], cpu=s["cpu"], memory=s["memory"]) for s in self.factory.status()])
+
+    async def quit(self, request: empty_pb2.Empty, context) -> empty_pb2.Empty:
+        log.info("VM cache server will stop after %.0f second", QUIT_DELAY_S)
+        asyncio.get_running_loop().call_later(QUIT_DELAY_S, self._on_quit)
+        return empty_pb2.Empty()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        empty = empty_pb2.Empty.FromString
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Config": grpc.unary_unary_rpc_method_handler(
+                self.config, request_deserializer=empty, response_serializer=cache_pb2.GrpcVMConfig.SerializeToString),
+            "GetBaseVM": grpc.unary_unary_rpc_method_handler(
+                self.get_base_vm, request_deserializer=empty, response_serializer=bytes),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self.status, request_deserializer=empty, response_serializer=cache_pb2.GrpcStatus.SerializeToString),
+            "Quit": grpc.unary_unary_rpc_method_handler(
+                self.quit, request_deserializer=empty, response_serializer=empty_pb2.Empty.SerializeToString),
+        })
+
+
+def _stop_if_undelivered(call, vm: VM) -> None:
+    if call.cancelled():
+        log.warning("client left before receiving VM %s; stopping it", vm.id)
+        asyncio.ensure_future(vm.stop())
