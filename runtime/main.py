@@ -9,6 +9,8 @@ Commands:
   factory init|status|destroy
             manage the VM factory: init creates the template or runs the
             VMCache server (in the foreground); status [--json]; destroy
+  check     check that this host can run factory VMs (QEMU, migration capability,
+            kernel, initramfs, accelerator, tmpfs, run root)
   env       show the guest kernel, initramfs, QEMU and the accelerator chosen (and why)
   version   print the runtime's version
 """
@@ -63,7 +65,15 @@ def _factory(args: Sequence[str]) -> int:
     return factory_cli.run(loader.load(FLAGS.config), args, sys.stdout, FLAGS.json)
 
 
+def _check(args: Sequence[str]) -> int:
+    from runtime import check
+    from runtime.config import loader
+
+    return check.run(loader.load(FLAGS.config), sys.stdout)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "check": _check,
     "env": _env,
     "factory": _factory,
     "version": _version,
