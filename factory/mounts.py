@@ -1,22 +1,40 @@
-"""tmpfs mount and lazy unmount for the template directory (libc, no shell)."""
+"""Mounts the factory and sandboxes need: template tmpfs, rootfs bind mounts, lazy unmount (libc, no shell)."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
 
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
 MNT_DETACH = 0x2
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def mount_tmpfs(path: str, size_mib: int) -> None:
-    options = f"size={size_mib}M,mode=0700".encode()
-    if _libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
+def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None, what: str) -> None:
+    if _libc.mount(source, target.encode(), fstype, flags, data) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mounting a {size_mib} MiB tmpfs on {path} failed: {os.strerror(err)} (needs root)")
+        raise OSError(err, f"{what} failed: {os.strerror(err)} (needs root)")
+
+
+def mount_tmpfs(path: str, size_mib: int) -> None:
+    _mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mib}M,mode=0700".encode(),
+           f"mounting a {size_mib} MiB tmpfs on {path}")
+
+
+def bind(source: str, target: str, readonly: bool) -> None:
+    _mount(source.encode(), target, None, MS_BIND | MS_REC, None, f"bind-mounting {source} on {target}")
+    if readonly:
+        try:
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None, f"making {target} read-only")
+        except OSError:
+            unmount_lazy(target)
+            raise
 
 
 def unmount_lazy(path: str) -> None:

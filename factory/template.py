@@ -108,7 +108,7 @@ class TemplateFactory(FactoryBase):
                      run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None) -> "TemplateFactory":
         self = cls(config, path, run_root, created=True)
         with tracing.span(_TRACER, "template.New", ctx, subsystem="factory", path=path) as span_ctx:
-            if self._files_present():
+            if self.exists():
                 raise TemplateError(f"There is already a VM template in {path}; "
                                     "remove it with `kata-runtime factory destroy` first")
             try:
@@ -123,7 +123,7 @@ class TemplateFactory(FactoryBase):
     def fetch(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
               run_root: str = DEFAULT_RUN_ROOT) -> "TemplateFactory":
         self = cls(config, path, run_root)
-        if not self._files_present():
+        if not self.exists():
             raise TemplateError(f"no VM template in {path} (need {self.memory_path} and {self.state_path}); "
                                 "create one with `kata-runtime factory init`")
         try:
@@ -140,7 +140,7 @@ class TemplateFactory(FactoryBase):
                                 + "; ".join(differences))
         return self
 
-    def _files_present(self) -> bool:
+    def exists(self) -> bool:
         return self.memory_path.is_file() and self.state_path.is_file()
 
     def _prepare_files(self) -> None:

@@ -3,9 +3,22 @@
 Usage: kata-runtime [flags] COMMAND [ARGS...]
 
 Global flags: --config PATH (else $KATA_CONF_FILE, the default locations,
-then the built-in configuration.toml).
+then the built-in configuration.toml), --root DIR (container state),
+--debug, --log FILE.
 
-Commands:
+Commands (OCI lifecycle, as runc):
+  spec [--bundle DIR]                  write a default config.json into the bundle
+  create ID --bundle DIR [--pid-file F]
+                                       create a container in a VM from the factory
+  start ID                             start its process
+  state ID                             print its OCI state as JSON
+  kill ID [SIGNAL]                     signal its process (default SIGTERM)
+  delete [--force] ID                  stop its VM and remove it
+  run ID --bundle DIR                  create, start, wait; exit with the process's code
+  exec ID -- CMD [ARGS...]             run another process in a running container
+  list [--format table|json]           list containers
+
+Other commands:
   factory init|status|destroy
             manage the VM factory: init creates the template or runs the
             VMCache server (in the foreground); status [--json]; destroy
@@ -14,15 +27,24 @@ Commands:
   env       show the guest kernel, initramfs, QEMU and the accelerator chosen (and why)
   version   print the runtime's version
 """
+import os
 import sys
 from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from runtime.version import RUNTIME_VERSION
 
 flags.DEFINE_string("config", None, "configuration.toml to use")
 flags.DEFINE_bool("json", False, "factory status: print JSON")
+flags.DEFINE_string("root", "/run/kata-vmfactory", "directory for container state")
+flags.DEFINE_bool("debug", False, "show which factory path each sandbox used and how long each phase took")
+flags.DEFINE_string("log", None, "write the runtime's log to this file")
+flags.DEFINE_string("bundle", None, "create, run, spec: the OCI bundle directory (default: current directory)")
+flags.DEFINE_string("pid_file", None, "create: write the container process's pid (in the guest) here")
+flags.DEFINE_bool("force", False, "delete: also a running container")
+flags.DEFINE_enum("format", "table", ["table", "json"], "list: output format")
+flags.DEFINE_integer("status_fd", -1, "internal: the shim's status pipe")
 FLAGS = flags.FLAGS
 
 
@@ -72,8 +94,88 @@ def _check(args: Sequence[str]) -> int:
     return check.run(loader.load(FLAGS.config), sys.stdout)
 
 
+def _store():
+    from runtime.sandbox.state import StateStore
+    return StateStore(FLAGS.root)
+
+
+def _bundle() -> str:
+    return FLAGS.bundle or os.environ.get("BUILD_WORKING_DIRECTORY") or os.getcwd()
+
+
+def _one_id(args: Sequence[str], command: str, extra: int = 0) -> str:
+    if not args or len(args) > 1 + extra:
+        raise app.UsageError(f"{command} takes a container ID" + (" and optional arguments" if extra else ""))
+    return args[0]
+
+
+def _shim_argv() -> list[str]:
+    argv = [sys.executable, os.path.abspath(sys.argv[0]), "--root", FLAGS.root]
+    if FLAGS.config:
+        argv += ["--config", os.path.abspath(FLAGS.config)]
+    return argv + ["shim"]
+
+
+def _debug_stream():
+    return sys.stderr if FLAGS.debug else None
+
+
+def _lifecycle(command: str):
+    def run_command(args: Sequence[str]) -> int:
+        from runtime.sandbox import commands as c
+        store = _store()
+        if command == "create":
+            return c.create(store, _shim_argv(), _one_id(args, command), _bundle(), FLAGS.pid_file, _debug_stream())
+        if command == "run":
+            return c.run(store, _shim_argv(), _one_id(args, command), _bundle(), _debug_stream())
+        if command == "start":
+            return c.start(store, _one_id(args, command))
+        if command == "state":
+            return c.state_json(store, _one_id(args, command), sys.stdout)
+        if command == "kill":
+            return c.kill(store, _one_id(args, command, 1), *args[1:2])
+        if command == "delete":
+            return c.delete(store, _one_id(args, command), FLAGS.force)
+        if command == "exec":
+            return c.exec_process(store, args[0] if args else "", args[1:], sys.stdout, sys.stderr)
+        if command == "list":
+            return c.list_containers(store, sys.stdout, FLAGS.format == "json")
+        if command == "spec":
+            return c.write_spec(_bundle())
+        raise AssertionError(command)
+    return run_command
+
+
+def _shim(args: Sequence[str]) -> int:
+    import asyncio
+    import logging as std_logging
+
+    from runtime.config import loader
+    from runtime.sandbox.shim import run_shim
+
+    container_id, bundle = args
+    store = _store()
+    handler = std_logging.FileHandler(store.dir(container_id) / "shim.log")
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root_logger = std_logging.getLogger()
+    root_logger.handlers[:] = [handler]
+    root_logger.setLevel(std_logging.INFO)
+    logging.use_python_logging()
+    return asyncio.run(run_shim(store, loader.load(FLAGS.config), container_id, bundle, FLAGS.status_fd))
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "check": _check,
+    "create": _lifecycle("create"),
+    "delete": _lifecycle("delete"),
+    "exec": _lifecycle("exec"),
+    "kill": _lifecycle("kill"),
+    "list": _lifecycle("list"),
+    "run": _lifecycle("run"),
+    "shim": _shim,
+    "spec": _lifecycle("spec"),
+    "start": _lifecycle("start"),
+    "state": _lifecycle("state"),
     "env": _env,
     "factory": _factory,
     "version": _version,
@@ -83,6 +185,11 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 def main(argv: Sequence[str]) -> int:
     if len(argv) < 2:
         raise app.UsageError("missing COMMAND; one of: " + ", ".join(sorted(COMMANDS)))
+    if FLAGS.log:
+        import logging as std_logging
+        handler = std_logging.FileHandler(FLAGS.log)
+        handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        std_logging.getLogger().addHandler(handler)
     command, *args = argv[1:]
     if command not in COMMANDS:
         raise app.UsageError(f"unknown command {command!r}; one of: " + ", ".join(sorted(COMMANDS)))
@@ -96,7 +203,12 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    # Flags may follow the command and its ID, as in runc (`run ID --bundle DIR`).
+    return FLAGS(argv, known_only=False)
 
 
 if __name__ == "__main__":

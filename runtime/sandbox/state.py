@@ -1,0 +1,101 @@
+"""Per-container state under --root: survives each kata-runtime process.
+
+One directory per container (<root>/<id>/) with state.json, written
+atomically, and the shim's control socket.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from factory.errors import FactoryError
+
+DEFAULT_ROOT = "/run/kata-vmfactory"
+# Same rule as runc: ids become directory and file names.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ContainerError(FactoryError):
+    """A container id, its state or an operation on it is wrong."""
+
+
+@dataclasses.dataclass
+class ContainerState:
+    id: str
+    bundle: str
+    status: str  # creating | created | running | stopped
+    pid: int = 0  # the container process's pid in the guest
+    created: str = ""
+    annotations: dict[str, str] = dataclasses.field(default_factory=dict)
+    shim_pid: int = 0
+    shim_start_time: int = 0
+    exit_status: int | None = None
+    vm: dict[str, Any] = dataclasses.field(default_factory=dict)  # QemuState of the sandbox VM
+    share_mount: str = ""  # host bind mount of the rootfs inside the VM's shared dir
+
+    def oci(self) -> dict[str, Any]:
+        return {"ociVersion": "1.0.2", "id": self.id, "status": self.status, "pid": self.pid,
+                "bundle": self.bundle, "annotations": self.annotations}
+
+
+class StateStore:
+    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def check_id(container_id: str) -> None:
+        if not _ID.match(container_id or ""):
+            raise ContainerError(f"invalid container id {container_id!r}: use letters, digits, '_', '.', '-' (max 128)")
+
+    def dir(self, container_id: str) -> Path:
+        self.check_id(container_id)
+        return self.root / container_id
+
+    def shim_socket(self, container_id: str) -> Path:
+        return self.dir(container_id) / "shim.sock"
+
+    def reserve(self, container_id: str) -> Path:
+        """Creates the container's directory; a duplicate id is refused."""
+        path = self.dir(container_id)
+        self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise ContainerError(f"container {container_id!r} already exists") from None
+        return path
+
+    def save(self, state: ContainerState) -> None:
+        path = self.dir(state.id) / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(state), sort_keys=True))
+        tmp.replace(path)
+
+    def load(self, container_id: str) -> ContainerState:
+        path = self.dir(container_id) / "state.json"
+        try:
+            return ContainerState(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            if self.dir(container_id).is_dir():
+                # Reserved by a create that has not written state yet (or died).
+                return ContainerState(id=container_id, bundle="", status="creating")
+            raise ContainerError(f"container {container_id!r} does not exist") from None
+        except (ValueError, TypeError) as err:
+            raise ContainerError(f"state of container {container_id!r} is unreadable ({path}): {err}") from err
+
+    def ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _ID.match(p.name))
+
+    def remove(self, container_id: str) -> None:
+        shutil.rmtree(self.dir(container_id), ignore_errors=True)
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
