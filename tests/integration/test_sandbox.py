@@ -11,28 +11,13 @@ import pytest
 
 from factory.hypervisor import process
 from tests.integration.bundles import make_bundle
-from tests.integration.vmtest import TEST_MEMORY_MIB
+from tests.integration.vmtest import write_config
 
 RUNTIME = "runtime/kata-runtime"
 
 
 def _config(root: str, template: bool = False, cache: int = 0) -> str:
-    path = os.path.join(root, "configuration.toml")
-    Path(path).write_text(f"""
-[hypervisor.qemu]
-default_memory = {TEST_MEMORY_MIB}
-default_maxvcpus = 4
-[agent.kata]
-dial_timeout = 90
-[factory]
-enable_template = {str(template).lower()}
-template_path = "{root}/template"
-vm_cache_number = {cache}
-vm_cache_endpoint = "{root}/cache.sock"
-[runtime]
-vm_run_root = "{root}/vm"
-""")
-    return path
+    return write_config(root, template, cache)
 
 
 class Runtime:

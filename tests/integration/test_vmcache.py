@@ -22,29 +22,14 @@ from factory.hypervisor import process
 from factory.hypervisor.qemu import Qemu, QemuState
 from native import vmstate
 from protocols.cache import cache_pb2, cache_pb2_grpc
-from tests.integration.vmtest import TEST_MEMORY_MIB
+from tests.integration.vmtest import TEST_MEMORY_MIB, write_config
 
 SERVER = "vmcache/server"
 RUNTIME = "runtime/kata-runtime"
 
 
 def _write_config(root: str, template: bool = True, cache: int = 2) -> str:
-    path = os.path.join(root, "configuration.toml")
-    Path(path).write_text(f"""
-[hypervisor.qemu]
-default_memory = {TEST_MEMORY_MIB}
-default_maxvcpus = 4
-[agent.kata]
-dial_timeout = 90
-[factory]
-enable_template = {str(template).lower()}
-template_path = "{root}/template"
-vm_cache_number = {cache}
-vm_cache_endpoint = "{root}/cache.sock"
-[runtime]
-vm_run_root = "{root}/vm"
-""")
-    return path
+    return write_config(root, template, cache)
 
 
 class Server:

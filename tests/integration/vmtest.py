@@ -25,6 +25,26 @@ def base_config(**hypervisor) -> VMConfig:
     return VMConfig(hypervisor=HypervisorConfig(**hv), agent=AgentConfig(dial_timeout_s=TEST_BOOT_TIMEOUT_S)).valid()
 
 
+def write_config(root: str, template: bool, cache: int) -> str:
+    """A configuration.toml keeping everything (template, socket, VMs) under `root`."""
+    path = os.path.join(root, "configuration.toml")
+    Path(path).write_text(f"""
+[hypervisor.qemu]
+default_memory = {TEST_MEMORY_MIB}
+default_maxvcpus = 4
+[agent.kata]
+dial_timeout = {TEST_BOOT_TIMEOUT_S:.0f}
+[factory]
+enable_template = {str(template).lower()}
+template_path = "{root}/template"
+vm_cache_number = {cache}
+vm_cache_endpoint = "{root}/cache.sock"
+[runtime]
+vm_run_root = "{root}/vm"
+""")
+    return path
+
+
 def short_tempdir(prefix: str) -> str:
     # Under /tmp directly: socket paths must stay under 107 bytes.
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
