@@ -23,6 +23,7 @@ from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import TemplateError
 from factory.hypervisor import cmdline
+from factory.hypervisor import accelerator
 from factory.hypervisor.accelerator import Accelerator
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir
 from factory.vm import VM
@@ -73,6 +74,8 @@ def expected_metadata(config: VMConfig) -> dict:
         "machine": hv.machine,
         "devices": devices,
         "qemu_version": _qemu_version(hv.qemu_path),
+        # A TCG template's CPU state does not load under KVM, nor the reverse.
+        "accelerator": accelerator.choose(hv.accelerator, hv.qemu_path).name,
         "agent_protocol_version": PROTOCOL_VERSION,
     }
 
