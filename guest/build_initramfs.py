@@ -40,6 +40,10 @@ DEFAULT_MODULES = (
     "virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_console "
     "virtio_rng virtio_blk 9pnet netfs fscache 9p 9pnet_virtio"
 ).split()
+# Measured under TCG: the pure-Python implementation boots as fast and answers requests as fast
+# as upb (the agent's messages are tiny), and the image is 0.9 MB smaller gzipped because upb
+# drags in libstdc++ and libgcc_s.
+DEFAULT_PROTOBUF_IMPL = "python"
 MODULE_DIR = "lib/modules"
 MODULE_LIST = MODULE_DIR + "/load.list"  # read by guest/init: one module name a line, in load order
 
@@ -200,8 +204,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--python", default=None, help="interpreter to pack (default: the venv's base interpreter)")
     parser.add_argument(
-        "--protobuf-impl", choices=("upb", "python"), default="upb",
-        help="upb: protobuf's C extension (needs libstdc++); python: the pure-Python implementation",
+        "--protobuf-impl", choices=("upb", "python"), default=DEFAULT_PROTOBUF_IMPL,
+        help="python (default): protobuf's pure-Python implementation; upb: its C extension (needs libstdc++)",
     )
     parser.add_argument("--modules", nargs="+", default=list(DEFAULT_MODULES), help="kernel modules to load")
     parser.add_argument("--no-strip", action="store_true", help="keep symbols in ELF files")

@@ -12,7 +12,9 @@ from factory.hypervisor.rundir import RunDir
 
 # Our own kernel command line; the config's kernel_params are appended.
 # panic=-1 with -no-reboot turns a guest panic into a QEMU exit we can report.
-BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet"
+# no_ipi_broadcast=1: under TCG the first hot-added vCPU otherwise takes ~12.5 s to come
+# online (the broadcast IPI does not wake it); with it, 0.4-1.2 s.
+BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet no_ipi_broadcast=1"
 
 AGENT_PORT_NAME = "agent.0"
 SHARED_FS_TAG = "kataShared"
