@@ -6,7 +6,8 @@ down, so one get_vm is one trace even when work crosses tasks or processes.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import sys
+from typing import Any, Iterator, TextIO
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -30,8 +31,13 @@ def span(tracer: str, name: str, ctx: Context | None = None, **attributes: Any) 
 EXPORTERS = ("none", "console", "otlp")
 
 
-def setup(exporter: str = "none", service_name: str = "kata-vmfactory", otlp_endpoint: str = "") -> None:
-    """Installs the tracer provider once per process; "none" leaves the no-op tracer."""
+def setup(exporter: str = "none", service_name: str = "kata-vmfactory", otlp_endpoint: str = "",
+          out: TextIO | None = None) -> None:
+    """Installs the tracer provider once per process; "none" leaves the no-op tracer.
+
+    The console exporter writes to `out` (default stderr): a sandbox shim's
+    stdout and stderr belong to the container, so it passes its log file.
+    """
     if exporter not in EXPORTERS:
         raise ValueError(f"tracing exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
     if exporter == "none":
@@ -42,7 +48,7 @@ def setup(exporter: str = "none", service_name: str = "kata-vmfactory", otlp_end
 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if exporter == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=out or sys.stderr)))
     else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint or None)))

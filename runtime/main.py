@@ -153,15 +153,22 @@ def _shim(args: Sequence[str]) -> int:
     from runtime.config import loader
     from runtime.sandbox.shim import run_shim
 
+    from factory import tracing
+
     container_id, bundle = args
     store = _store()
-    handler = std_logging.FileHandler(store.dir(container_id) / "shim.log")
+    config = loader.load(FLAGS.config)
+    log_path = store.dir(container_id) / "shim.log"
+    if config.tracing.enabled:
+        tracing.setup(config.tracing.exporter, "kata-runtime", config.tracing.otlp_endpoint,
+                      out=open(log_path, "a", buffering=1))
+    handler = std_logging.FileHandler(log_path)
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root_logger = std_logging.getLogger()
     root_logger.handlers[:] = [handler]
     root_logger.setLevel(std_logging.INFO)
     logging.use_python_logging()
-    return asyncio.run(run_shim(store, loader.load(FLAGS.config), container_id, bundle, FLAGS.status_fd))
+    return asyncio.run(run_shim(store, config, container_id, bundle, FLAGS.status_fd))
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
