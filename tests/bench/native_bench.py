@@ -1,22 +1,17 @@
 """Cython vs pure-Python twin, measured side by side in one run.
 
 bazel run //tests/bench:native [-- --quick]
-Prints a Markdown table: the GrpcVM codec (messages/s) and the zero-page scan (GB/s).
+The GrpcVM codec (messages/s) and the zero-page scan (GB/s), median of repeats.
 """
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from typing import Callable
 
-from absl import app, flags
-
 from native import vmstate, vmstate_pure, zeropages, zeropages_pure
-
-flags.DEFINE_bool("quick", False, "fewer repetitions")
-FLAGS = flags.FLAGS
+from tests.bench import common, runner
 
 _STATE = json.dumps({"id": "3f1c" * 9, "run_root": "/run/vc/vm", "pid": 123456, "pid_start_time": 987654,
                      "accelerator": "tcg", "num_vcpus": 2, "max_vcpus": 8, "memory_mib": 2304,
@@ -24,47 +19,80 @@ _STATE = json.dumps({"id": "3f1c" * 9, "run_root": "/run/vc/vm", "pid": 123456, 
                      "hotplugged_cpus": ["cpu-0-1-0"], "hotplugged_memory": [{"id": "dimm1", "size_mib": 256}]},
                     sort_keys=True).encode()
 _ARGS = ("3f1c" * 9, _STATE, 0, "", 2, 2304, 1)
+# The target: every hot path at least this much faster in Cython.
+SPEEDUP_GOAL = 5.0
 
 
-def _median_rate(fn: Callable[[], None], units: float, repeats: int) -> float:
-    rates = []
+def _rate(fn: Callable[[], None], units: float) -> float:
+    start = time.perf_counter()
+    fn()
+    return units / (time.perf_counter() - start)
+
+
+def _median_rates(pure: Callable[[], None], fast: Callable[[], None], units: float,
+                  repeats: int) -> tuple[float, float]:
+    """Pure and Cython alternate, so load from other processes hits both alike."""
+    pure_rates, fast_rates = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        rates.append(units / (time.perf_counter() - start))
-    return statistics.median(rates)
+        pure_rates.append(_rate(pure, units))
+        fast_rates.append(_rate(fast, units))
+    return statistics.median(pure_rates), statistics.median(fast_rates)
 
 
-def main(argv) -> None:
-    repeats = 3 if FLAGS.quick else 7
-    n = 20_000 if FLAGS.quick else 100_000
+def measure(quick: bool) -> list[tuple[str, str, float, float]]:
+    """(hot path, unit, pure Python rate, Cython rate) rows."""
+    repeats = 3 if quick else 7
+    n = 20_000 if quick else 100_000
     encoded = vmstate_pure.encode_grpc_vm(*_ARGS)
     rows = []
-    for label, pure, fast, units, unit in [
+    for label, pure, fast in [
         ("GrpcVM encode", lambda: [vmstate_pure.encode_grpc_vm(*_ARGS) for _ in range(n)],
-         lambda: [vmstate.encode_grpc_vm(*_ARGS) for _ in range(n)], n, "msg/s"),
+         lambda: [vmstate.encode_grpc_vm(*_ARGS) for _ in range(n)]),
         ("GrpcVM decode", lambda: [vmstate_pure.decode_grpc_vm(encoded) for _ in range(n)],
-         lambda: [vmstate.decode_grpc_vm(encoded) for _ in range(n)], n, "msg/s"),
+         lambda: [vmstate.decode_grpc_vm(encoded) for _ in range(n)]),
     ]:
-        rows.append((label, unit, _median_rate(pure, units, repeats), _median_rate(fast, units, repeats)))
+        rows.append((label, "msg/s", *_median_rates(pure, fast, n, repeats)))
 
     # A template-like image: mostly zero pages with a written page every fourth.
-    size = (64 if FLAGS.quick else 256) * 1024 * 1024
+    size = (64 if quick else 256) * 1024 * 1024
     image = bytearray(size)
     for off in range(0, size, 4 * 4096):
         image[off + 17] = 1
     image = bytes(image)
     gb = size / 1e9
-    rows.append(("zero-page scan", "GB/s", _median_rate(lambda: zeropages_pure.zero_pages(image, 4096), gb, repeats),
-                 _median_rate(lambda: zeropages.zero_pages(image, 4096), gb, repeats)))
+    rows.append(("zero-page scan", "GB/s", *_median_rates(lambda: zeropages_pure.zero_pages(image, 4096),
+                                                         lambda: zeropages.zero_pages(image, 4096), gb, repeats)))
+    return rows
 
-    print(f"native benchmark ({'quick' if FLAGS.quick else 'full'}; median of {repeats}; {os.cpu_count()} CPUs)\n")
-    print("| hot path | unit | pure Python | Cython | speed-up |")
-    print("|---|---|---:|---:|---:|")
-    for label, unit, pure, fast in rows:
-        fmt = (lambda v: f"{v:,.0f}") if unit == "msg/s" else (lambda v: f"{v:.2f}")
-        print(f"| {label} | {unit} | {fmt(pure)} | {fmt(fast)} | {fast / pure:.1f}x |")
 
+async def run(bench: runner.Bench, section: common.Section) -> None:
+    # CPU-bound and synchronous: nothing else runs in the loop meanwhile, by design.
+    rows = measure(bench.quick)
+    fmt = {"msg/s": lambda v: f"{v:,.0f}", "GB/s": lambda v: f"{v:.2f}"}
+    section.tables.append(common.Table(
+        f"Native hot paths: Cython vs pure-Python twin (median of {3 if bench.quick else 7})",
+        ["hot path", "unit", "pure Python", "Cython", "speed-up"],
+        [[label, unit, fmt[unit](pure), fmt[unit](fast), f"{fast / pure:.1f}x"] for label, unit, pure, fast in rows]))
+    section.data["rows"] = [{"hot_path": label, "unit": unit, "pure": pure, "cython": fast, "speedup": fast / pure}
+                            for label, unit, pure, fast in rows]
+    slowest = min(rows, key=lambda r: r[3] / r[2])
+    section.targets.append(common.Target("native speed-up (slowest hot path)", slowest[3] / slowest[2], ">=",
+                                         SPEEDUP_GOAL, "x", slowest[0]))
+    section.panels.append(("native: Cython speed-up over pure Python", lambda ax: _plot(ax, rows)))
+
+
+def _plot(ax, rows) -> None:
+    labels = [r[0] for r in rows]
+    speedups = [r[3] / r[2] for r in rows]
+    bars = ax.bar(labels, speedups, color="#37b")
+    ax.axhline(SPEEDUP_GOAL, color="#b33", linestyle="--", linewidth=1, label=f"goal {SPEEDUP_GOAL:g}x")
+    ax.set_ylabel("speed-up (x)")
+    ax.legend(fontsize=8)
+    for bar, value in zip(bars, speedups):
+        ax.annotate(f"{value:.1f}x", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+
+
+SPEC = runner.Spec("native", "6. Native hot paths", run)
 
 if __name__ == "__main__":
-    app.run(main)
+    runner.run("native", [SPEC])
