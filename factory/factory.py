@@ -88,8 +88,7 @@ class Factory:
             try:
                 # Upstream returns the fallback VM paused; every path resumes here.
                 await vm.resume(span_ctx)
-                await vm.reseed_rng(span_ctx)
-                await vm.sync_time(span_ctx)
+                await vm.reseed_and_sync_time(span_ctx)
                 # Against the VM's own size, not the base config's: a direct
                 # VM was booted at the requested size already (upstream adds
                 # the difference again).

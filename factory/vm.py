@@ -28,7 +28,7 @@ LIVENESS_POLL_S = 0.05
 # After the agent channel drops during boot, how long QEMU gets to finish exiting.
 EXIT_GRACE_S = 2.0
 # One try of the post-resume handshake; a resumed guest answers in tens of ms.
-HANDSHAKE_TRY_S = 0.5
+HANDSHAKE_TRY_S = 0.2
 
 _TRACER = "kata_vmfactory.vm"
 
@@ -42,6 +42,8 @@ class VM:
         self.cpu = cpu
         self.memory_mib = memory_mib
         self.cpu_delta = cpu_delta  # hot-added CPUs the guest has not onlined yet
+        # True until the agent has answered on this connection (see handshake()).
+        self.needs_handshake = True
 
     @property
     def id(self) -> str:
@@ -71,13 +73,20 @@ class VM:
         with tracing.span(_TRACER, "vm.WaitAgent", ctx, subsystem="vm", vm_id=self.id) as span_ctx:
             check = asyncio.ensure_future(self.agent.check(timeout_s=timeout_s, ctx=span_ctx))
             while not check.done():
-                await asyncio.wait({check}, timeout=LIVENESS_POLL_S)
+                try:
+                    await asyncio.wait({check}, timeout=LIVENESS_POLL_S)
+                except asyncio.CancelledError:
+                    check.cancel()
+                    await asyncio.gather(check, return_exceptions=True)
+                    raise
                 if not check.done() and not self.hypervisor.is_alive():
                     check.cancel()
+                    await asyncio.gather(check, return_exceptions=True)
                     raise BootError(f"VM {self.id}: QEMU exited before the guest agent answered\n"
                                     f"guest console (last lines):\n{tail(self.hypervisor.run.console_log)}")
             try:
                 check.result()
+                self.needs_handshake = False
             except AgentTimeoutError as err:
                 raise AgentTimeoutError(f"{err}\nguest console (last lines):\n{tail(self.hypervisor.run.console_log)}") from err
             except AgentError as err:
@@ -94,9 +103,10 @@ class VM:
         await self.hypervisor.pause(ctx)
 
     async def resume(self, ctx: Context | None = None) -> None:
-        """Resumes the guest and re-establishes its agent channel."""
+        """Resumes the guest and, on a new agent connection, re-establishes the channel."""
         await self.hypervisor.resume(ctx)
-        await self.handshake(self.config.agent.dial_timeout_s, ctx)
+        if self.needs_handshake:
+            await self.handshake(self.config.agent.dial_timeout_s, ctx)
 
     async def handshake(self, timeout_s: float, ctx: Context | None = None) -> None:
         """Checks until the agent answers this connection.
@@ -110,6 +120,7 @@ class VM:
             while True:
                 try:
                     await self.agent.check(timeout_s=HANDSHAKE_TRY_S, ctx=span_ctx)
+                    self.needs_handshake = False
                     return
                 except AgentTimeoutError:
                     if not self.hypervisor.is_alive():
@@ -123,6 +134,7 @@ class VM:
 
     async def disconnect(self) -> None:
         """Lets go of the agent and QMP channels, leaving the VM running or paused."""
+        self.needs_handshake = True
         await self.agent.close()
         await self.hypervisor.disconnect()
 
@@ -154,6 +166,10 @@ class VM:
 
     async def reseed_rng(self, ctx: Context | None = None) -> None:
         await self.agent.reseed_random_dev(os.urandom(RESEED_BYTES), ctx=ctx)
+
+    async def reseed_and_sync_time(self, ctx: Context | None = None) -> None:
+        """Both at once: the agent answers them in order, one round trip fewer."""
+        await asyncio.gather(self.reseed_rng(ctx), self.sync_time(ctx))
 
     async def sync_time(self, ctx: Context | None = None) -> None:
         now_ns = time.time_ns()

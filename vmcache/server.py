@@ -49,18 +49,29 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
     print(f"vmcache: preparing {config.vm_cache_number} {what}"
           + (f" (creating the template in {config.template_path})" if config.enable_template else ""),
           file=progress, flush=True)
-    factory = await new_factory(config.factory_config(cache=config.vm_cache_number, vm_cache=True),
-                                on_ready=on_ready)
+    # Signals count from the start: a SIGTERM while the template is being
+    # made must still stop its QEMU and unmount it.
     stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    making = asyncio.ensure_future(new_factory(config.factory_config(cache=config.vm_cache_number, vm_cache=True),
+                                               on_ready=on_ready))
+    stop_wait = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({making, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if not making.done():
+        making.cancel()  # the template's own cleanup runs on cancellation
+        await asyncio.gather(making, return_exceptions=True)
+        print("vmcache: stopped before the pool was ready", file=progress, flush=True)
+        return
+    stop_wait.cancel()
+    factory = making.result()
     server = grpc.aio.server()
     try:
         server.add_generic_rpc_handlers([CacheService(factory, stopping.set).handler()])
         server.add_insecure_port(f"unix:{path}")
         await server.start()
         os.chmod(path, 0o600)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
         print(f"vmcache: VM cache server start, endpoint {path}", file=progress, flush=True)
         await stopping.wait()
     finally:
