@@ -215,7 +215,21 @@ def run() -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     # Flags may follow the command and its ID, as in runc (`run ID --bundle DIR`).
-    return FLAGS(argv, known_only=False)
+    return FLAGS(_underscored(argv), known_only=False)
+
+
+def _underscored(argv: list[str]) -> list[str]:
+    """runc spells flags with dashes (--pid-file); absl knows them with underscores (--pid_file).
+    Nothing after "--" is touched: that is a process's command line (exec ID -- CMD ARGS)."""
+    out = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[index:]
+        if arg.startswith("--") and index > 0:
+            name, sep, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + sep + value
+        out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

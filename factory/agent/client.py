@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ CONNECT_RETRY_S = 0.005
 MAX_QUEUED_EVENTS = 1024
 
 _TRACER = "kata_vmfactory.agent"
+_log = logging.getLogger(__name__)
 
 
 class AgentClient:
@@ -43,6 +45,10 @@ class AgentClient:
         return self._writer is not None and self._closed_error is None
 
     async def connect(self, timeout_s: float) -> None:
+        """Connects to QEMU's end of the channel, retrying until QEMU has created the socket.
+
+        No span of its own: callers call it without a context, and a span here would start a
+        trace of its own instead of joining theirs."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -51,7 +57,8 @@ class AgentClient:
             except (FileNotFoundError, ConnectionRefusedError) as err:
                 if time.monotonic() > deadline:
                     raise AgentTimeoutError(f"agent socket {self.socket_path} not accepting connections "
-                                            f"after {timeout_s:.1f} s: {err}") from err
+                                            f"after {timeout_s:.1f} s: {err}; is QEMU running with "
+                                            f"-chardev socket,path={self.socket_path},server=on?") from err
                 await asyncio.sleep(CONNECT_RETRY_S)
         self._closed_error = None
         self._read_task = asyncio.ensure_future(self._read_loop())
@@ -94,9 +101,13 @@ class AgentClient:
             future = self._pending.pop(message.response.id, None)
             if future is not None and not future.done():
                 future.set_result(message.response)
-            # An unmatched id answers a request of an earlier owner: ignore it.
+            # An unmatched id answers a request of an earlier owner: ignore it. Id 0 is the
+            # agent saying it could not decode a frame at all: worth a line in the log.
+            if message.response.id == 0 and message.response.error:
+                _log.warning("guest agent on %s: %s", self.socket_path, message.response.error)
 
-    async def _call(self, name: str, field: str, request: Any, timeout_s: float, ctx: Context | None) -> Any:
+    async def _call(self, name: str, field: str, request: Any, timeout_s: float | None, ctx: Context | None) -> Any:
+        """One request and its reply; `timeout_s` None waits as long as the guest takes."""
         with tracing.span(_TRACER, f"agent.{name}", ctx, subsystem="agent"):
             if self._writer is None:
                 raise AgentError(f"agent client for {self.socket_path} is not connected")
@@ -149,6 +160,58 @@ class AgentClient:
     async def read_random(self, length: int, timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> bytes:
         reply = await self._call("ReadRandom", "read_random", agent_pb2.ReadRandomRequest(length=length), timeout_s, ctx)
         return reply.data
+
+    # ---- processes -----------------------------------------------------------
+    # Output and exits arrive as ProcessOutput / ProcessExited events on `events`.
+
+    async def mount_shared(self, tag: str, mount_point: str, timeout_s: float = REQUEST_TIMEOUT_S,
+                           ctx: Context | None = None) -> None:
+        """Mounts the VM's virtio-9p share `tag` at `mount_point` in the guest (idempotent)."""
+        await self._call("MountShared", "mount_shared",
+                         agent_pb2.MountSharedRequest(tag=tag, mount_point=mount_point), timeout_s, ctx)
+
+    async def create_process(self, exec_id: str, args: list[str], env: list[str], cwd: str, uid: int, gid: int,
+                             additional_gids: list[int], rootfs: str, rootfs_readonly: bool = False,
+                             hostname: str = "", open_stdin: bool = False, timeout_s: float = REQUEST_TIMEOUT_S,
+                             ctx: Context | None = None) -> int:
+        """Forks the process in the guest, set up and waiting for start_process; returns its guest pid.
+
+        A missing executable or cwd inside `rootfs` is an AgentError here, not an exit status.
+        """
+        request = agent_pb2.CreateProcessRequest(
+            exec_id=exec_id, args=args, env=env, cwd=cwd, uid=uid, gid=gid, additional_gids=additional_gids,
+            rootfs=rootfs, rootfs_readonly=rootfs_readonly, hostname=hostname, open_stdin=open_stdin)
+        reply = await self._call("CreateProcess", "create_process", request, timeout_s, ctx)
+        return reply.pid
+
+    async def start_process(self, exec_id: str, timeout_s: float = REQUEST_TIMEOUT_S,
+                            ctx: Context | None = None) -> None:
+        """Execs the created process; an exec failure is an AgentError."""
+        await self._call("StartProcess", "start_process", agent_pb2.StartProcessRequest(exec_id=exec_id), timeout_s, ctx)
+
+    async def wait_process(self, exec_id: str, timeout_s: float | None = None, ctx: Context | None = None) -> int:
+        """The process's exit status (128 + signal if killed). No timeout unless given: a
+        container may rightly run for days."""
+        reply = await self._call("WaitProcess", "wait_process", agent_pb2.WaitProcessRequest(exec_id=exec_id),
+                                 timeout_s, ctx)
+        return reply.exit_status
+
+    async def signal_process(self, exec_id: str, signal: int, timeout_s: float = REQUEST_TIMEOUT_S,
+                             ctx: Context | None = None) -> None:
+        await self._call("SignalProcess", "signal_process",
+                         agent_pb2.SignalProcessRequest(exec_id=exec_id, signal=int(signal)), timeout_s, ctx)
+
+    async def write_stdin(self, exec_id: str, data: bytes, timeout_s: float = REQUEST_TIMEOUT_S,
+                          ctx: Context | None = None) -> None:
+        """Answered once the guest's pipe took all of `data` (the process reads slowly: this waits)."""
+        # A frame holds at most MAX_FRAME_BYTES; leave room for the envelope.
+        step = framing.MAX_FRAME_BYTES - 4096
+        for offset in range(0, max(len(data), 1), step):
+            await self._call("WriteStdin", "write_stdin",
+                             agent_pb2.WriteStdinRequest(exec_id=exec_id, data=data[offset:offset + step]), timeout_s, ctx)
+
+    async def close_stdin(self, exec_id: str, timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> None:
+        await self._call("CloseStdin", "close_stdin", agent_pb2.CloseStdinRequest(exec_id=exec_id), timeout_s, ctx)
 
     async def close(self) -> None:
         """Lets go of the socket; the guest keeps serving the next owner."""

@@ -54,6 +54,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     root = GuestRoot(root_dir, urandom=GuestRoot(root_dir).dev("urandom"))
     # SIGIO's default action terminates the process: the handler must exist before O_ASYNC.
     signal.signal(signal.SIGIO, lambda signum, frame: None)
+    # Children's exits wake the loop through their pidfds; SIGCHLD (through the wakeup fd below)
+    # covers a kernel without pidfd_open. Its default disposition would not wake poll().
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     path = wait_for_port(root, str(options["port_name"]))
     port = open_port(path)
     uevents = UeventSocket() if options["uevents"] else None

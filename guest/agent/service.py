@@ -11,6 +11,9 @@ host):
     next host.
   * Input left over from a host that died mid-frame is drained and the decoder reset, so the
     next host's first frame decodes.
+  * Process output becomes events too. While the queue is long (a slow or absent host) the loop
+    stops reading the processes' pipes, so a chatty process blocks on its pipe instead of the
+    agent growing or dropping output.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ RECHECK_MAX_S = 1.0
 READ_CHUNK_BYTES = 64 * 1024
 # Events waiting for a host: bounded so a VM nobody talks to cannot grow the agent without limit.
 MAX_QUEUED_EVENTS = 1024
+# Above either, process output is left in its pipes until the host catches up (well below the
+# limit above, so output and exit events are never the ones dropped).
+OUTPUT_BACKLOG_EVENTS = MAX_QUEUED_EVENTS // 4
+OUTPUT_BACKLOG_BYTES = 4 << 20
 
 _HUP_OR_ERROR = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -126,6 +133,9 @@ class AgentService:
             poller.register(self._port, select.POLLIN | (select.POLLOUT if self._out else 0))
         else:
             timeouts.append(max(0.0, self._recheck_at - self._monotonic()))
+        handler_fds = self._handler.poll_fds(read_output=not self._backlogged())
+        for fd, events in handler_fds.items():
+            poller.register(fd, events)
         timeout_ms = math.ceil(min(timeouts) * 1000) if timeouts else None
         ready = dict(poller.poll(timeout_ms))
 
@@ -141,7 +151,15 @@ class AgentService:
             self._service_port(ready[self._port])
         elif not watch_port and self._monotonic() >= self._recheck_at:
             self._probe_host()
+        handler_ready = {fd: revents for fd, revents in ready.items() if fd in handler_fds}
+        if handler_ready:
+            self.enqueue(self._handler.handle_fds(handler_ready))
         self.enqueue(self._handler.tick())
+
+    def _backlogged(self) -> bool:
+        if self._queued_events >= OUTPUT_BACKLOG_EVENTS:
+            return True
+        return sum(len(item.frame) - item.offset for item in self._out) >= OUTPUT_BACKLOG_BYTES
 
     def _service_port(self, revents: int) -> None:
         if revents & (select.POLLERR | select.POLLNVAL):

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from opentelemetry.context import Context
 
@@ -207,10 +207,13 @@ class Shim:
         if self.vm is not None:
             await self.vm.stop()
 
-    async def serve(self) -> None:
+    async def serve(self, listening: Callable[[], None] = lambda: None) -> None:
+        """Serves the control socket; `listening` runs once it accepts connections (create must
+        not return before that, or an immediate start finds no socket)."""
         socket_path = str(self.store.shim_socket(self.id))
         server = await asyncio.start_unix_server(self.handle, path=socket_path)
         os.chmod(socket_path, 0o600)
+        listening()
         relay = asyncio.ensure_future(self.relay_events())
         loop = asyncio.get_running_loop()
         # A shim told to stop by a signal still cleans up (delete --force is the other way).
@@ -247,8 +250,7 @@ async def run_shim(store: StateStore, config: RuntimeConfig, container_id: str, 
             await shim.teardown()
             _report(status_fd, {"error": str(err)})
             return 1
-    _report(status_fd, {"ok": True, "pid": shim.state.pid})
-    await shim.serve()
+    await shim.serve(listening=lambda: _report(status_fd, {"ok": True, "pid": shim.state.pid}))
     return 0
 
 

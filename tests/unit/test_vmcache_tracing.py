@@ -33,7 +33,8 @@ class _StatefulBase(fakes.FlakyBase):
 
 
 def test_get_base_vm_span_is_a_child_of_the_clients_span():
-    socket_path = os.path.join(tempfile.mkdtemp(prefix="kvf-u-", dir="/tmp"), "cache.sock")
+    workdir = tempfile.TemporaryDirectory(prefix="kvf-u-", dir="/tmp")  # short: a socket path
+    socket_path = os.path.join(workdir.name, "cache.sock")
 
     async def body():
         server = grpc.aio.server()
@@ -52,7 +53,8 @@ def test_get_base_vm_span_is_a_child_of_the_clients_span():
             await server.stop(0)
 
     _exporter.clear()
-    asyncio.run(body())
+    with workdir:
+        asyncio.run(body())
     spans = {s.name: s for s in _exporter.get_finished_spans()}
     client, server_span = spans["CreateSandbox"], spans["vmcache.GetBaseVM"]
     assert server_span.context.trace_id == client.context.trace_id

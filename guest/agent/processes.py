@@ -1,0 +1,641 @@
+"""Container processes: fork, set up, wait for StartProcess, exec; stdio pipes; exit statuses.
+
+ProcessTable is driven by AgentHandler: requests arrive as method calls, and the service loop
+hands it the readiness of the fds it asked to watch (poll_fds). Nothing here blocks: every fd the
+agent keeps is non-blocking, and answers that must wait (CreateProcess until the child is set up,
+StartProcess until the exec, WaitProcess until the exit, WriteStdin until the pipe took the data)
+come out later as messages from handle_ready() or reap().
+
+Life of a process, as the agent sees it:
+  CREATING  forked; the child sets itself up (session, stdio, chroot, cwd, ids) and writes "R" on
+            its status pipe, or "E<why>" and exits. CreateProcess is answered then.
+  CREATED   the child blocks reading its start pipe.
+  STARTING  StartProcess wrote the start byte and the child calls execve. The status pipe is
+            close-on-exec, so EOF without an "E" means the exec happened; StartProcess is answered.
+  RUNNING   its stdout and stderr pipes are read as they become readable.
+  EXITED    reaped (a pidfd wakes the loop; SIGCHLD as a fallback). Its remaining output is sent,
+            then ProcessExited, then the answers to WaitProcess. The record stays (bounded) so a
+            late WaitProcess or SignalProcess still gets a proper answer.
+A child that fails during CREATING was never created as far as the host knows: CreateProcess gets
+the error and the child is reaped without an event.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+from collections import deque
+from typing import Deque, Dict, Iterable, List, Optional, Tuple
+
+from guest.agent import mounts, rootfs
+from guest.agent.log import log
+from guest.agent.messages import RequestError, reply_message, response_message
+from protocols.agent import agent_pb2
+
+CREATING, CREATED, STARTING, RUNNING, EXITED = "creating", "created", "starting", "running", "exited"
+
+STDOUT, STDERR = 1, 2
+# ProcessOutput chunks: one read of a pipe (a pipe holds 64 KiB by default), well under a frame.
+OUTPUT_CHUNK_BYTES = 64 * 1024
+# Exited processes remembered for late WaitProcess/SignalProcess; the oldest are forgotten first.
+MAX_EXITED_KEPT = 256
+# Without a pidfd (kernel < 5.3) and before SIGCHLD wakes the loop, how often to look for exits.
+REAP_POLL_S = 0.1
+# The child's error message on the status pipe: one write under PIPE_BUF stays in one piece.
+MAX_CHILD_ERROR_BYTES = 2048
+# Linux signal numbers (SIGRTMAX is 64 on every architecture we run on).
+MAX_SIGNAL = 64
+
+_READ = select.POLLIN
+_WRITE = select.POLLOUT
+
+
+class _StdinItem:
+    __slots__ = ("request_id", "data", "close")
+
+    def __init__(self, request_id: Optional[int], data: bytes = b"", close: bool = False) -> None:
+        self.request_id = request_id
+        self.data = memoryview(data)
+        self.close = close
+
+
+class _Process:
+    def __init__(self, exec_id: str, pid: int) -> None:
+        self.exec_id = exec_id
+        self.pid = pid
+        self.state = CREATING
+        self.pidfd: Optional[int] = None
+        self.status_fd: Optional[int] = None  # child -> agent: "R", "E<why>", EOF at exec
+        self.status_data = b""
+        self.start_fd: Optional[int] = None  # agent -> child: "S" to exec
+        self.stdin_fd: Optional[int] = None  # None: /dev/null, or closed
+        self.has_stdin = False
+        self.stdin_closing = False
+        self.stdin_queue: Deque[_StdinItem] = deque()
+        self.outputs: Dict[int, int] = {}  # read end -> stream number
+        self.exit_status: Optional[int] = None
+        self.reaped = False
+        self.create_request: Optional[int] = None
+        self.start_request: Optional[int] = None
+        self.start_early = False  # StartProcess came while CREATING
+        self.waits: List[int] = []
+
+    def fds(self) -> List[int]:
+        fds = [self.pidfd, self.status_fd, self.start_fd, self.stdin_fd, *self.outputs]
+        return [fd for fd in fds if fd is not None]
+
+
+class CreatePlan:
+    """What the child does, all checked by the agent before forking."""
+
+    def __init__(self, request: agent_pb2.CreateProcessRequest) -> None:
+        self.exec_id = request.exec_id
+        self.args = list(request.args)
+        self.rootfs = request.rootfs
+        self.cwd = request.cwd or "/"
+        self.uid = request.uid
+        self.gid = request.gid
+        self.groups = sorted(set(request.additional_gids))
+        self.open_stdin = request.open_stdin
+        self.env: Dict[str, str] = {}
+        for entry in request.env:
+            name, sep, value = entry.partition("=")
+            if not sep or not name:
+                raise RequestError(f"env entry {entry!r} is not NAME=value")
+            self.env[name] = value  # the last of duplicates wins, as with execve's getenv
+        if not self.exec_id:
+            raise RequestError("exec_id is empty")
+        if not self.args:
+            raise RequestError(f"args of process {self.exec_id!r} are empty: args[0] names the program")
+        if not self.rootfs.startswith("/"):
+            raise RequestError(f"rootfs {self.rootfs!r} is not an absolute guest path")
+        if not os.path.isdir(self.rootfs):
+            raise RequestError(f"rootfs {self.rootfs} is not a directory in the guest (was the share mounted?)")
+        if not self.cwd.startswith("/"):
+            raise RequestError(f"cwd {self.cwd!r} is not an absolute path")
+        self.executable = rootfs.find_executable(self.rootfs, self.args[0], self.env, self.cwd)
+
+
+def exit_status_of(wait_status: int) -> int:
+    """The shell's $? for a waitpid status: the exit code, or 128 + the signal that killed it."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    if os.WIFEXITED(wait_status):
+        return os.WEXITSTATUS(wait_status)
+    return 255  # stopped/continued never reach here: waitpid is called without WUNTRACED
+
+
+def _set_nonblocking(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+
+def _close(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _event(kind: str) -> agent_pb2.GuestMessage:
+    message = agent_pb2.GuestMessage()
+    getattr(message.event, kind).SetInParent()
+    return message
+
+
+class ProcessTable:
+    def __init__(self, mountinfo_path: str = "/proc/self/mountinfo", mount: mounts.MountFunction = mounts.mount_syscall) -> None:
+        self._procs: Dict[str, _Process] = {}
+        # Children still to reap that no exec_id names any more (failed during CREATING).
+        self._orphans: List[_Process] = []
+        self._exited_order: Deque[str] = deque()
+        self._mountinfo_path = mountinfo_path
+        self._mount = mount
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def create(self, request_id: int, request: agent_pb2.CreateProcessRequest) -> None:
+        """Fork the process; the answer comes from handle_ready() once the child is set up."""
+        existing = self._procs.get(request.exec_id)
+        if existing is not None and existing.state != EXITED:
+            raise RequestError(f"exec_id {request.exec_id!r} is already in use by process {existing.pid} ({existing.state})")
+        plan = CreatePlan(request)
+        if request.rootfs_readonly:
+            mounts.make_read_only(plan.rootfs, self._mountinfo_path, self._mount)
+        if request.hostname:
+            _set_hostname(request.hostname)
+        proc = self._fork(plan)
+        proc.create_request = request_id
+        if existing is not None:
+            self._forget(existing.exec_id)
+        self._procs[plan.exec_id] = proc
+
+    def start(self, request_id: int, exec_id: str) -> None:
+        proc = self._get(exec_id)
+        if proc.state == CREATING and proc.start_request is None:
+            # A host may pipeline StartProcess behind CreateProcess: start once it is set up.
+            proc.start_request = request_id
+            proc.start_early = True
+            return
+        if proc.state != CREATED:
+            raise RequestError(f"process {exec_id!r} is {self._describe(proc)}, not created")
+        self._release(proc, request_id)
+
+    def _release(self, proc: _Process, request_id: Optional[int]) -> None:
+        """Let the created child exec."""
+        try:
+            os.write(proc.start_fd, b"S")
+        except BrokenPipeError:
+            raise RequestError(f"process {proc.exec_id!r} is not running (it ended before it was started)") from None
+        _close(proc.start_fd)
+        proc.start_fd = None
+        proc.state = STARTING
+        proc.start_request = request_id
+
+    def wait(self, request_id: int, exec_id: str) -> Optional[agent_pb2.GuestMessage]:
+        proc = self._get(exec_id)
+        if proc.state == EXITED:
+            return self._wait_reply(request_id, proc)
+        proc.waits.append(request_id)
+        return None
+
+    def signal(self, exec_id: str, signum: int) -> None:
+        proc = self._get(exec_id)
+        if not 1 <= signum <= MAX_SIGNAL:
+            raise RequestError(f"signal {signum} is not a signal number (1..{MAX_SIGNAL})")
+        if proc.state == EXITED:
+            raise RequestError(f"process {exec_id!r} is not running (exited with status {proc.exit_status})")
+        try:
+            # Still a child of ours and unreaped, so the pid cannot have been reused.
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            raise RequestError(f"process {exec_id!r} is not running") from None
+
+    def write_stdin(self, request_id: int, exec_id: str, data: bytes) -> List[agent_pb2.GuestMessage]:
+        proc = self._stdin_of(exec_id)
+        proc.stdin_queue.append(_StdinItem(request_id, data))
+        return self._pump_stdin(proc)
+
+    def close_stdin(self, request_id: int, exec_id: str) -> List[agent_pb2.GuestMessage]:
+        proc = self._stdin_of(exec_id)
+        proc.stdin_closing = True
+        proc.stdin_queue.append(_StdinItem(request_id, close=True))
+        return self._pump_stdin(proc)
+
+    def cancel_replies(self) -> int:
+        """Forget the requests waiting for an answer (their host left); the processes go on."""
+        count = 0
+        for proc in self._procs.values():
+            count += len(proc.waits) + (proc.create_request is not None) + (proc.start_request is not None)
+            count += sum(1 for item in proc.stdin_queue if item.request_id is not None)
+            proc.waits = []
+            proc.create_request = proc.start_request = None
+            for item in proc.stdin_queue:
+                item.request_id = None  # the data still goes to the process
+        return count
+
+    # --- the service loop ------------------------------------------------------------------------
+
+    def poll_fds(self, read_output: bool = True) -> Dict[int, int]:
+        """fd -> poll events to watch. Output is left unread while the host is behind
+        (`read_output` False): the process then blocks on a full pipe instead of the agent
+        buffering without bound."""
+        fds: Dict[int, int] = {}
+        for proc in self._procs.values():
+            if proc.pidfd is not None:
+                fds[proc.pidfd] = _READ
+            if proc.status_fd is not None:
+                fds[proc.status_fd] = _READ
+            if proc.stdin_fd is not None and proc.stdin_queue:
+                fds[proc.stdin_fd] = _WRITE
+            if read_output:
+                for fd in proc.outputs:
+                    fds[fd] = _READ
+        for proc in self._orphans:
+            if proc.pidfd is not None:
+                fds[proc.pidfd] = _READ
+        return fds
+
+    def handle_ready(self, ready: Dict[int, int]) -> List[agent_pb2.GuestMessage]:
+        messages: List[agent_pb2.GuestMessage] = []
+        exited: List[_Process] = []
+        for proc in list(self._procs.values()):
+            if proc.status_fd is not None and proc.status_fd in ready:
+                messages.extend(self._read_status(proc))
+            for fd in [fd for fd in proc.outputs if fd in ready]:
+                messages.extend(self._read_output(proc, fd))
+            if proc.stdin_fd is not None and proc.stdin_fd in ready:
+                messages.extend(self._pump_stdin(proc))
+            if proc.pidfd is not None and proc.pidfd in ready:
+                exited.append(proc)
+        exited.extend(p for p in self._orphans if p.pidfd is not None and p.pidfd in ready and p not in exited)
+        for proc in exited:
+            messages.extend(self._try_reap(proc))
+        return messages
+
+    def reap(self) -> List[agent_pb2.GuestMessage]:
+        """Collect every child that has exited (cheap: one waitpid(WNOHANG) per live child)."""
+        messages: List[agent_pb2.GuestMessage] = []
+        for proc in [p for p in self._procs.values() if p.state != EXITED] + list(self._orphans):
+            messages.extend(self._try_reap(proc))
+        return messages
+
+    def seconds_until_reap(self) -> Optional[float]:
+        """When the loop must look for exits by itself: only for children without a pidfd."""
+        live = [p for p in self._procs.values() if p.state != EXITED] + self._orphans
+        return REAP_POLL_S if any(p.pidfd is None for p in live) else None
+
+    def close(self) -> None:
+        """Release the agent's fds (the processes keep running)."""
+        for proc in list(self._procs.values()) + self._orphans:
+            for fd in proc.fds():
+                _close(fd)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _get(self, exec_id: str) -> _Process:
+        proc = self._procs.get(exec_id)
+        if proc is None:
+            raise RequestError(f"no process with exec_id {exec_id!r}")
+        return proc
+
+    @staticmethod
+    def _describe(proc: _Process) -> str:
+        if proc.state == EXITED:
+            return f"not running (exited with status {proc.exit_status})"
+        return proc.state
+
+    def _stdin_of(self, exec_id: str) -> _Process:
+        proc = self._get(exec_id)
+        if not proc.has_stdin:
+            raise RequestError(f"process {exec_id!r} has no stdin pipe (create it with open_stdin)")
+        if proc.state == EXITED:
+            raise RequestError(f"process {exec_id!r} is not running (exited with status {proc.exit_status})")
+        if proc.stdin_closing or proc.stdin_fd is None:
+            raise RequestError(f"stdin of process {exec_id!r} is closed")
+        return proc
+
+    def _fork(self, plan: CreatePlan) -> _Process:
+        parent_fds: List[int] = []
+        child_fds: List[int] = []
+        try:
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            parent_fds.append(status_r), child_fds.append(status_w)
+            start_r, start_w = os.pipe2(os.O_CLOEXEC)
+            child_fds.append(start_r), parent_fds.append(start_w)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            parent_fds.append(out_r), child_fds.append(out_w)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            parent_fds.append(err_r), child_fds.append(err_w)
+            if plan.open_stdin:
+                in_r, in_w = os.pipe2(os.O_CLOEXEC)
+                child_fds.append(in_r), parent_fds.append(in_w)
+            else:
+                in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
+                child_fds.append(in_r)
+            pid = os.fork()
+        except BaseException:
+            for fd in parent_fds + child_fds:
+                _close(fd)
+            raise
+        if pid == 0:
+            _child_main(plan, status_w, start_r, in_r, out_w, err_w)  # never returns
+        for fd in child_fds:
+            _close(fd)
+        proc = _Process(plan.exec_id, pid)
+        proc.status_fd, proc.start_fd = status_r, start_w
+        proc.outputs = {out_r: STDOUT, err_r: STDERR}
+        proc.stdin_fd, proc.has_stdin = in_w, plan.open_stdin
+        for fd in parent_fds:
+            _set_nonblocking(fd)
+        try:
+            # Readable when the child exits: the loop wakes for exits with no signal handling.
+            proc.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError) as exc:
+            log(f"pidfd_open({pid}) failed ({exc}); relying on SIGCHLD and polling for its exit")
+        return proc
+
+    def _read_status(self, proc: _Process) -> List[agent_pb2.GuestMessage]:
+        """What the child said on its status pipe: "R" set up, "E<why>" failed, EOF exec'd/died."""
+        eof = False
+        while True:
+            try:
+                chunk = os.read(proc.status_fd, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            proc.status_data += chunk
+        messages: List[agent_pb2.GuestMessage] = []
+        if proc.state == CREATING and proc.status_data.startswith(b"R"):
+            proc.status_data = proc.status_data[1:]
+            proc.state = CREATED
+            if proc.create_request is not None:
+                reply = reply_message(proc.create_request, "create_process")
+                reply.response.create_process.pid = proc.pid
+                messages.append(reply)
+                proc.create_request = None
+            if proc.start_early:
+                proc.start_early = False
+                request_id, proc.start_request = proc.start_request, None
+                try:
+                    self._release(proc, request_id)
+                except RequestError as exc:
+                    if request_id is not None:
+                        messages.append(response_message(request_id, f"start_process: {exc}"))
+        if not eof:
+            return messages
+        _close(proc.status_fd)
+        proc.status_fd = None
+        error = proc.status_data[1:].decode("utf-8", "replace") if proc.status_data.startswith(b"E") else ""
+        if proc.state == CREATING:
+            # Never created: CreateProcess gets the error and the child goes without an event.
+            why = error or "the child ended while setting up"
+            if proc.create_request is not None:
+                messages.append(response_message(proc.create_request, f"create_process: process {proc.exec_id!r}: {why}"))
+            if proc.start_request is not None:
+                messages.append(response_message(proc.start_request, f"start_process: process {proc.exec_id!r} was never created: {why}"))
+            log(f"process {proc.exec_id!r} failed to set up: {why}")
+            self._procs.pop(proc.exec_id, None)
+            self._close_pipes(proc)
+            self._orphans.append(proc)
+        elif proc.state == STARTING:
+            proc.state = RUNNING
+            if proc.start_request is not None:
+                if error:
+                    messages.append(response_message(proc.start_request, f"start_process: process {proc.exec_id!r}: {error}"))
+                else:
+                    messages.append(reply_message(proc.start_request, "start_process"))
+                proc.start_request = None
+            if error:
+                log(f"process {proc.exec_id!r} failed to start: {error}")
+        # In CREATED, EOF means a signal killed the waiting child: its exit says the rest.
+        return messages
+
+    def _read_output(self, proc: _Process, fd: int) -> List[agent_pb2.GuestMessage]:
+        try:
+            data = os.read(fd, OUTPUT_CHUNK_BYTES)
+        except BlockingIOError:
+            return []
+        if not data:
+            _close(fd)
+            del proc.outputs[fd]
+            return []
+        return [self._output_event(proc, proc.outputs[fd], data)]
+
+    @staticmethod
+    def _output_event(proc: _Process, stream: int, data: bytes) -> agent_pb2.GuestMessage:
+        message = _event("process_output")
+        output = message.event.process_output
+        output.exec_id = proc.exec_id
+        output.stream = stream
+        output.data = data
+        return message
+
+    def _drain_output(self, proc: _Process) -> List[agent_pb2.GuestMessage]:
+        """Everything the pipes hold now. Stops at EAGAIN, not EOF: a background child of the
+        process may hold the pipe open for as long as it likes."""
+        messages: List[agent_pb2.GuestMessage] = []
+        for fd in list(proc.outputs):
+            while fd in proc.outputs:
+                chunk = self._read_output(proc, fd)
+                if not chunk:
+                    break
+                messages.extend(chunk)
+        return messages
+
+    def _pump_stdin(self, proc: _Process) -> List[agent_pb2.GuestMessage]:
+        messages: List[agent_pb2.GuestMessage] = []
+        while proc.stdin_queue:
+            item = proc.stdin_queue[0]
+            if item.close:
+                _close(proc.stdin_fd)
+                proc.stdin_fd = None
+                proc.stdin_queue.popleft()
+                if item.request_id is not None:
+                    messages.append(reply_message(item.request_id, "close_stdin"))
+                continue
+            try:
+                written = os.write(proc.stdin_fd, item.data) if item.data else 0
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                messages.extend(self._fail_stdin(proc, f"process {proc.exec_id!r} closed its stdin"))
+                break
+            item.data = item.data[written:]
+            if not item.data:
+                proc.stdin_queue.popleft()
+                if item.request_id is not None:
+                    messages.append(reply_message(item.request_id, "write_stdin"))
+        return messages
+
+    def _fail_stdin(self, proc: _Process, why: str) -> List[agent_pb2.GuestMessage]:
+        messages = []
+        for item in proc.stdin_queue:
+            if item.request_id is None:
+                continue
+            kind = "close_stdin" if item.close else "write_stdin"
+            unsent = f" ({len(item.data)} bytes not written)" if item.data else ""
+            messages.append(response_message(item.request_id, f"{kind}: {why}{unsent}"))
+        proc.stdin_queue.clear()
+        _close(proc.stdin_fd)
+        proc.stdin_fd = None
+        return messages
+
+    def _try_reap(self, proc: _Process) -> List[agent_pb2.GuestMessage]:
+        if proc.reaped:
+            return []
+        try:
+            pid, wait_status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Someone else reaped it (nothing in the agent does): the status is lost.
+            log(f"process {proc.exec_id!r} (pid {proc.pid}) was reaped elsewhere; reporting status 255")
+            pid, wait_status = proc.pid, 255 << 8
+        if pid == 0:
+            return []
+        proc.reaped = True
+        return self._exited(proc, exit_status_of(wait_status))
+
+    def _exited(self, proc: _Process, status: int) -> List[agent_pb2.GuestMessage]:
+        messages: List[agent_pb2.GuestMessage] = []
+        if proc.status_fd is not None:
+            messages.extend(self._read_status(proc))  # the child is gone: this reaches EOF
+        _close(proc.pidfd)
+        proc.pidfd = None
+        if proc in self._orphans:
+            self._orphans.remove(proc)
+            return messages
+        messages.extend(self._drain_output(proc))
+        self._close_pipes(proc)
+        messages.extend(self._fail_stdin(proc, f"process {proc.exec_id!r} exited with status {status}"))
+        proc.state = EXITED
+        proc.exit_status = status
+        event = _event("process_exited")
+        event.event.process_exited.exec_id = proc.exec_id
+        event.event.process_exited.exit_status = status
+        messages.append(event)
+        for request_id in proc.waits:
+            messages.append(self._wait_reply(request_id, proc))
+        proc.waits = []
+        if proc.start_request is not None:  # the exec's verdict never came (cannot happen: EOF first)
+            messages.append(response_message(proc.start_request, f"start_process: process {proc.exec_id!r} exited with status {status}"))
+            proc.start_request = None
+        log(f"process {proc.exec_id!r} (pid {proc.pid}) exited with status {status}")
+        self._exited_order.append(proc.exec_id)
+        while len(self._exited_order) > MAX_EXITED_KEPT:
+            old = self._exited_order.popleft()
+            if old in self._procs and self._procs[old].state == EXITED:
+                del self._procs[old]
+        return messages
+
+    def _close_pipes(self, proc: _Process) -> None:
+        for fd in list(proc.outputs):
+            _close(fd)
+        proc.outputs = {}
+        _close(proc.start_fd)
+        proc.start_fd = None
+        if proc.status_fd is not None:
+            _close(proc.status_fd)
+            proc.status_fd = None
+
+    def _forget(self, exec_id: str) -> None:
+        self._procs.pop(exec_id, None)
+        try:
+            self._exited_order.remove(exec_id)
+        except ValueError:
+            pass
+
+    @staticmethod
+    def _wait_reply(request_id: int, proc: _Process) -> agent_pb2.GuestMessage:
+        message = reply_message(request_id, "wait_process")
+        message.response.wait_process.exit_status = proc.exit_status
+        return message
+
+
+def _set_hostname(hostname: str) -> None:
+    if len(hostname.encode()) > 64:
+        raise RequestError(f"hostname {hostname!r} is longer than 64 bytes")
+    if socket.gethostname() == hostname:
+        return  # no privilege needed to keep it (host-side tests)
+    try:
+        socket.sethostname(hostname)
+    except OSError as exc:
+        raise RequestError(f"sethostname {hostname!r}: {exc.strerror}") from exc
+
+
+# --- the child, between fork and exec --------------------------------------------------------------
+
+
+def _move_above_stdio(fds: Iterable[int]) -> List[int]:
+    """Copies of `fds` numbered 3 or more, so dup2 onto 0-2 cannot clobber one before it is used."""
+    return [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds]
+
+
+def _close_all_but(keep: Iterable[int]) -> None:
+    """Other processes' pipes must not live on in this child while it waits for its start: a
+    copy of another process's stdin write end would keep that process from ever seeing EOF."""
+    low = 0
+    for fd in sorted(set(keep)) + [os.sysconf("SC_OPEN_MAX")]:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+
+
+def _child_main(plan: CreatePlan, status_w: int, start_r: int, stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+    """Runs in the forked child and never returns: set up, say "R", wait for "S", exec."""
+    step = "setting up"
+    code = 127
+    try:
+        step = "setsid"
+        os.setsid()  # its own session and process group: the agent's signals stay the agent's
+        step = "resetting signals"
+        # Python ignores these; an exec'd program expects the defaults (a shell pipeline relies
+        # on SIGPIPE). Handled signals (SIGIO, SIGCHLD) are reset by execve itself.
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        step = "setting up stdio"
+        status_w, start_r, stdin_fd, stdout_fd, stderr_fd = _move_above_stdio(
+            (status_w, start_r, stdin_fd, stdout_fd, stderr_fd)
+        )
+        for target, fd in ((0, stdin_fd), (1, stdout_fd), (2, stderr_fd)):
+            os.dup2(fd, target)  # dup2's copy is inheritable: it survives the exec
+        _close_all_but((0, 1, 2, status_w, start_r))
+        if plan.rootfs != "/":
+            # chroot("/") would change nothing; skipping it lets host-side tests run without
+            # CAP_SYS_CHROOT.
+            step = f"chroot {plan.rootfs}"
+            os.chroot(plan.rootfs)
+        step = f"chdir {plan.cwd} in rootfs {plan.rootfs}"
+        os.chdir(plan.cwd)
+        # Only what differs is changed: the same ids need no privilege (host-side tests).
+        if sorted(set(os.getgroups())) != plan.groups:
+            step = f"setgroups {plan.groups}"
+            os.setgroups(plan.groups)
+        if os.getresgid() != (plan.gid,) * 3:
+            step = f"setgid {plan.gid}"
+            os.setresgid(plan.gid, plan.gid, plan.gid)
+        if os.getresuid() != (plan.uid,) * 3:
+            step = f"setuid {plan.uid}"
+            os.setresuid(plan.uid, plan.uid, plan.uid)
+        os.write(status_w, b"R")
+        step = "waiting for StartProcess"
+        if os.read(start_r, 1) != b"S":
+            os._exit(1)  # the agent went away without starting us
+        step = f"exec {plan.executable} in rootfs {plan.rootfs}"
+        os.execve(plan.executable, plan.args, plan.env)
+    except OSError as exc:
+        # 126: found but not runnable, 127: not found (what a shell reports).
+        code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+        why = f"{step}: {exc.strerror or exc}"
+    except BaseException as exc:  # anything at all: the child must never return into the agent
+        why = f"{step}: {type(exc).__name__}: {exc}"
+    try:
+        os.write(status_w, b"E" + why.encode("utf-8", "replace")[:MAX_CHILD_ERROR_BYTES])
+    finally:
+        os._exit(code)
