@@ -1,22 +1,283 @@
-"""Sandbox start: a placeholder until `kata-runtime run` exists.
+"""Sandbox start: `kata-runtime run` of `echo hello` in a busybox bundle, per
+factory path, as a user runs it (the runtime binary, a fresh process per run):
 
-What it will measure: `kata-runtime run` of a container until its process
-runs in a factory VM (get_vm, 9p share, container start), per strategy.
+- direct: no template, no cache: the VM boots now;
+- template: `enable_template = true`; the first run creates the template
+  (not timed), every timed run clones it;
+- VMCache: the server binary with `vm_cache_number = 2`; before each run we
+  wait until `kata-runtime factory status` lists 2 `VM pid` lines.
+
+Each run is timed to the first stdout line (the container's output) and to the
+exit of `kata-runtime run` (Popen.wait). The pipe is never read to EOF: the
+runtime's detached shim inherits stdout and would hold it open.
+
+bazel run //tests/bench:sandbox [-- --quick]
 """
 from __future__ import annotations
 
-from tests.bench import common, runner
+import ast
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
 
-NOT_YET = "not yet: needs the sandbox lifecycle"
+from tests.bench import common, runner
+from tests.bench.vmcache_server import VMCacheServer
+
+# Runfiles: this file is <runfiles>/<workspace>/tests/bench/; the runtime is a data dependency.
+RUNTIME = Path(__file__).parent.parent.parent / "runtime" / "kata-runtime"
+BUSYBOX = "/bin/busybox"  # Debian's busybox-static, as tests/integration/bundles.py
+POOL = 2
+GOAL_MS = 150  # VMCache run → first output, p50
+RUN_TIMEOUT_S = 300.0
+STATUS_TIMEOUT_S = 180.0
+STRATEGIES = [  # key, label, expected factory path
+    ("direct", "direct boot", "direct"),
+    ("template", "template clone", "template"),
+    ("vmcache", f"VMCache (server, pool {POOL})", "vmcache"),
+]
+_DEBUG_LINE = re.compile(r"factory path (?P<path>.+?), phases \(ms\) (?P<phases>.*)$")
+
+
+def _make_bundle(path: str, args: list[str]) -> str:
+    rootfs = Path(path, "rootfs")
+    (rootfs / "bin").mkdir(parents=True)
+    for d in ("proc", "tmp", "etc"):
+        (rootfs / d).mkdir()
+    import shutil
+    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+    for applet in ("sh", "echo", "true"):
+        os.symlink("/bin/busybox", rootfs / "bin" / applet)
+    spec = {
+        "ociVersion": "1.0.2",
+        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args,
+                    "env": ["PATH=/bin", "HOME=/"], "cwd": "/"},
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": "bench",
+        "linux": {"resources": {}},
+    }
+    Path(path, "config.json").write_text(json.dumps(spec))
+    return path
+
+
+def _write_config(root: str, initrd_path: str, template: bool) -> str:
+    """Direct or template config, everything under `root` (VMCache uses VMCacheServer's)."""
+    path = os.path.join(root, "configuration.toml")
+    Path(path).write_text(f"""
+[hypervisor.qemu]
+default_memory = {common.BENCH_MEMORY_MIB}
+default_maxvcpus = {common.BENCH_MAX_VCPUS}
+initrd = "{initrd_path}"
+[agent.kata]
+dial_timeout = {common.BENCH_DIAL_TIMEOUT_S:.0f}
+[factory]
+enable_template = {str(template).lower()}
+template_path = "{root}/template"
+vm_cache_number = 0
+vm_cache_endpoint = "{root}/cache.sock"
+[runtime]
+vm_run_root = "{root}/vm"
+""")
+    return path
+
+
+class Runtime:
+    def __init__(self, root: str, config: str) -> None:
+        self.root = root
+        self.config = config
+        self.base = [str(RUNTIME), "--root", os.path.join(root, "state"), "--config", config]
+        self._n = 0
+
+    def call(self, *args: str, timeout: float = 120) -> tuple[int, str, str]:
+        # Files, not pipes: a detached shim could hold captured pipes open.
+        with open(os.path.join(self.root, "out"), "w+") as out, open(os.path.join(self.root, "err"), "w+") as err:
+            code = subprocess.run(self.base + list(args), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                  timeout=timeout).returncode
+            out.seek(0)
+            err.seek(0)
+            return code, out.read(), err.read()
+
+    def vm_pids(self) -> int:
+        code, out, _ = self.call("factory", "status")
+        return sum(1 for line in out.splitlines() if "VM pid" in line) if code == 0 else 0
+
+    def timed_run(self, bundle: str) -> dict[str, Any]:
+        """One `run`: ms to the first stdout line and to exit, the factory path and phases."""
+        self._n += 1
+        cid = f"bench{self._n}"
+        err_path = os.path.join(self.root, f"{cid}.stderr")
+        with open(err_path, "w+") as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(self.base + ["--debug", "run", cid, "--bundle", bundle],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
+            try:
+                first = proc.stdout.readline()
+                first_ms = (time.perf_counter() - start) * 1000
+                code = proc.wait(RUN_TIMEOUT_S)
+                total_ms = (time.perf_counter() - start) * 1000
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()  # not read to EOF: the shim may still hold the write end
+                self.call("delete", "--force", cid)  # run deletes already; be safe
+            err.seek(0)
+            stderr = err.read()
+        if code != 0 or first != "hello\n":
+            raise RuntimeError(f"kata-runtime run {cid}: exit {code}, first line {first!r}; "
+                               f"stderr: {stderr.strip()[-400:]}")
+        path, phases = "?", {}
+        for line in stderr.splitlines():
+            match = _DEBUG_LINE.search(line)
+            if match:
+                path = match.group("path")
+                phases = _parse_phases(match.group("phases"))
+        return {"first_ms": first_ms, "total_ms": total_ms, "path": path, "phases": phases}
+
+
+def _parse_phases(text: str) -> dict[str, float]:
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+            if isinstance(value, str):
+                value = json.loads(value)
+            if isinstance(value, dict):
+                return {str(k): float(v) for k, v in value.items() if isinstance(v, (int, float))}
+        except (ValueError, SyntaxError, TypeError):
+            pass
+    return {}
+
+
+def _wait_vm_pids(rt: Runtime, server: VMCacheServer, count: int) -> float:
+    start = time.monotonic()
+    while rt.vm_pids() < count:
+        if server.proc is not None and server.proc.returncode is not None:
+            raise RuntimeError(f"VMCache server exited with {server.proc.returncode}:\n{server.output()}")
+        if time.monotonic() - start > STATUS_TIMEOUT_S:
+            raise TimeoutError(f"factory status: fewer than {count} VMs after {STATUS_TIMEOUT_S:.0f} s:\n"
+                               f"{server.output()}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _measure(rt: Runtime, bundle: str, runs: int, key: str, expected: str,
+             samples: dict[str, list[dict[str, Any]]], before=None) -> None:
+    for i in range(runs):
+        if before is not None:
+            before()
+        common.log(f"sandbox: {key} run {i + 1}/{runs}")
+        result = rt.timed_run(bundle)
+        if result["path"] != expected:
+            raise RuntimeError(f"{key}: expected factory path {expected!r}, got {result['path']!r}")
+        samples[key].append(result)
 
 
 async def run(bench: runner.Bench, section: common.Section) -> None:
+    direct_runs, other_runs = (2, 5) if bench.quick else (3, 10)
+    root = bench.dir("sandbox")
+    bundle = _make_bundle(os.path.join(root, "bundle"), ["echo", "hello"])
+    samples: dict[str, list[dict[str, Any]]] = {k: [] for k, _, _ in STRATEGIES}
+    extra: dict[str, Any] = {}
+    section.data.update(runs=samples, extra=extra)
+    try:
+        # direct
+        d_root = os.path.join(root, "direct")
+        os.makedirs(d_root)
+        direct = Runtime(d_root, _write_config(d_root, bench.initrd_path, template=False))
+        try:
+            _measure(direct, bundle, direct_runs, "direct", "direct", samples)
+        finally:
+            direct.call("factory", "destroy")
+
+        # template: the first run creates it, untimed
+        t_root = os.path.join(root, "template")
+        os.makedirs(t_root)
+        template = Runtime(t_root, _write_config(t_root, bench.initrd_path, template=True))
+        try:
+            common.log("sandbox: creating the template (first run)")
+            created = template.timed_run(bundle)
+            if created["path"] != "template (created)":
+                raise RuntimeError(f"template: first run took factory path {created['path']!r}")
+            extra["template_first_run_ms"] = created["total_ms"]
+            _measure(template, bundle, other_runs, "template", "template", samples)
+        finally:
+            template.call("factory", "destroy")
+
+        # VMCache: the server binary, the runtime with the server's own config
+        server = VMCacheServer(os.path.join(root, "vmcache"), POOL, bench.initrd_path)
+        cache = Runtime(server.root, server.config_path)
+        try:
+            await server.start()
+            extra["vmcache_start_s"] = _wait_vm_pids(cache, server, POOL)
+            _measure(cache, bundle, other_runs, "vmcache", "vmcache", samples,
+                     before=lambda: _wait_vm_pids(cache, server, POOL))
+        finally:
+            await server.stop()
+            cache.call("factory", "destroy")
+    finally:
+        _report(section, samples, extra)
+
+
+def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], extra: dict[str, Any]) -> None:
+    stats = {k: {m: common.summary([r[m] for r in runs]) for m in ("first_ms", "total_ms")}
+             for k, runs in samples.items()}
+    section.data["summary_ms"] = stats
+    rows = [[label, str(stats[k]["first_ms"]["n"]),
+             common.fmt_ms(stats[k]["first_ms"]["p50"]), common.fmt_ms(stats[k]["first_ms"]["p90"]),
+             common.fmt_ms(stats[k]["total_ms"]["p50"]), common.fmt_ms(stats[k]["total_ms"]["p90"])]
+            for k, label, _ in STRATEGIES if stats[k]["first_ms"]["n"]]
     section.tables.append(common.Table(
-        "Sandbox start (kata-runtime run → container process running)",
-        ["strategy", "p50", "p90", "status"],
-        [[strategy, "–", "–", NOT_YET] for strategy in ("direct", "template", "cache", "VMCache")],
-        "Another engineer is building `kata-runtime run`; this section fills in once it exists."))
-    section.data["status"] = NOT_YET
+        "Sandbox start: `kata-runtime run` of `echo hello` in a busybox bundle",
+        ["factory path", "runs", "first output p50", "first output p90", "exit p50", "exit p90"], rows,
+        "First output: from spawning `kata-runtime --debug run` to the first stdout line; exit: to the "
+        "runtime's exit (it deletes the container and stops the VM first). VMCache: each run waits until "
+        f"`factory status` lists {POOL} VMs."))
+
+    medians: dict[str, dict[str, float]] = {}
+    for k, _, _ in STRATEGIES:
+        runs = [r["phases"] for r in samples[k] if r["phases"]]
+        labels = list(dict.fromkeys(label for p in runs for label in p))
+        medians[k] = {label: common.percentile([p.get(label, 0.0) for p in runs], 50) for label in labels}
+    section.data["phase_medians_ms"] = medians
+    columns = [k for k, _, _ in STRATEGIES if medians[k]]
+    if columns:
+        labels = list(dict.fromkeys(label for k in columns for label in medians[k]))
+        section.tables.append(common.Table(
+            "Where `create` spends its time (median per phase, from `--debug`)", ["phase"] + columns,
+            [[label] + [common.fmt_ms(medians[k][label]) if label in medians[k] else "" for k in columns]
+             for label in labels]))
+
+    if "template_first_run_ms" in extra:
+        section.notes.append(f"first template run (creates the template, untimed): "
+                             f"{common.fmt_ms(extra['template_first_run_ms'])}")
+    if "vmcache_start_s" in extra:
+        section.notes.append(f"VMCache server start to {POOL} VMs in `factory status`: {extra['vmcache_start_s']:.1f} s")
+
+    vmcache = stats["vmcache"]["first_ms"]
+    section.targets.append(common.Target("run to first output with VMCache p50",
+                                         vmcache["p50"] if vmcache["n"] else None, "<=", GOAL_MS, " ms",
+                                         "`kata-runtime run`, echo hello"))
+
+    def draw(ax) -> None:
+        keys = [(k, label) for k, label, _ in STRATEGIES if stats[k]["first_ms"]["n"]]
+        xs = range(len(keys))
+        for offset, metric, color in ((-0.2, "first_ms", "#37b"), (0.2, "total_ms", "#b73")):
+            p50 = [stats[k][metric]["p50"] for k, _ in keys]
+            p90 = [stats[k][metric]["p90"] for k, _ in keys]
+            ax.bar([x + offset for x in xs], p50, width=0.4, color=color,
+                   yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], capsize=4,
+                   label="first output" if metric == "first_ms" else "exit")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([k for k, _ in keys])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.axhline(GOAL_MS, color="k", linestyle="--", linewidth=1)
+        ax.legend(fontsize=8)
+
+    section.panels.append(("kata-runtime run (p50, whisker to p90; log scale; dashed: VMCache goal)", draw))
 
 
 SPEC = runner.Spec("sandbox", "5. Sandbox start", run)
