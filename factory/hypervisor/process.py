@@ -59,11 +59,11 @@ def terminate(pid: int, started: int, grace_s: float) -> bool:
 
 
 def pids_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (a VM's run directory)."""
+    """Live processes (not zombies, not this one) whose command line contains `text`."""
     found = []
     needle = text.encode()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:

@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.integration.bundles import make_bundle
 from tests.bench import common, runner
 from tests.bench.vmcache_server import VMCacheServer
 
 # Runfiles: this file is <runfiles>/<workspace>/tests/bench/; the runtime is a data dependency.
 RUNTIME = Path(__file__).parent.parent.parent / "runtime" / "kata-runtime"
-BUSYBOX = "/bin/busybox"  # Debian's busybox-static, as tests/integration/bundles.py
 POOL = 2
 GOAL_MS = 150  # VMCache run → first output, p50
 RUN_TIMEOUT_S = 300.0
@@ -40,27 +40,6 @@ STRATEGIES = [  # key, label, expected factory path
     ("vmcache", f"VMCache (server, pool {POOL})", "vmcache"),
 ]
 _DEBUG_LINE = re.compile(r"factory path (?P<path>.+?), phases \(ms\) (?P<phases>.*)$")
-
-
-def _make_bundle(path: str, args: list[str]) -> str:
-    rootfs = Path(path, "rootfs")
-    (rootfs / "bin").mkdir(parents=True)
-    for d in ("proc", "tmp", "etc"):
-        (rootfs / d).mkdir()
-    import shutil
-    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    for applet in ("sh", "echo", "true"):
-        os.symlink("/bin/busybox", rootfs / "bin" / applet)
-    spec = {
-        "ociVersion": "1.0.2",
-        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args,
-                    "env": ["PATH=/bin", "HOME=/"], "cwd": "/"},
-        "root": {"path": "rootfs", "readonly": False},
-        "hostname": "bench",
-        "linux": {"resources": {}},
-    }
-    Path(path, "config.json").write_text(json.dumps(spec))
-    return path
 
 
 def _write_config(root: str, initrd_path: str, template: bool) -> str:
@@ -178,7 +157,7 @@ def _measure(rt: Runtime, bundle: str, runs: int, key: str, expected: str,
 async def run(bench: runner.Bench, section: common.Section) -> None:
     direct_runs, other_runs = (2, 5) if bench.quick else (3, 10)
     root = bench.dir("sandbox")
-    bundle = _make_bundle(os.path.join(root, "bundle"), ["echo", "hello"])
+    bundle = make_bundle(os.path.join(root, "bundle"), ["echo", "hello"])
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k, _, _ in STRATEGIES}
     extra: dict[str, Any] = {}
     section.data.update(runs=samples, extra=extra)

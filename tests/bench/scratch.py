@@ -15,21 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _processes_mentioning(text: str) -> list[int]:
-    """Live processes (not zombies, not us) whose command line contains `text`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in cmdline and state not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+from factory.hypervisor.process import pids_mentioning
 
 
 def _mounts_under(root: str) -> list[str]:
@@ -57,7 +43,7 @@ class Scratch:
         self._swept = True
         leaks: list[str] = []
         marker = self.root + "/"
-        pids = _processes_mentioning(marker)
+        pids = pids_mentioning(marker)
         for pid in pids:
             leaks.append(f"process {pid} still running")
             try:
@@ -68,7 +54,7 @@ class Scratch:
                 except OSError:
                     pass
         deadline = time.monotonic() + 5
-        while pids and _processes_mentioning(marker) and time.monotonic() < deadline:
+        while pids and pids_mentioning(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
         for mountpoint in _mounts_under(self.root):
             leaks.append(f"mount {mountpoint} left behind")

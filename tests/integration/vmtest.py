@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from factory.config import AgentConfig, HypervisorConfig, VMConfig
+from factory.hypervisor.process import pids_mentioning as processes_mentioning
 
 # Small guests keep the suite's tmpfs and memory use low on 2-core CI machines.
 TEST_MEMORY_MIB = 512
@@ -48,22 +49,6 @@ vm_run_root = "{root}/vm"
 def short_tempdir(prefix: str) -> str:
     # Under /tmp directly: socket paths must stay under 107 bytes.
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains `text`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in cmdline and state not in ("Z", "X"):
-            found.append(int(entry))
-    return found
 
 
 def mounts_under(root: str) -> list[str]:
