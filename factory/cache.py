@@ -46,16 +46,21 @@ class _Slot:
 
 class CacheFactory(FactoryBase):
     def __init__(self, base: FactoryBase, count: int, get_timeout_s: float = GET_TIMEOUT_S,
-                 on_ready=None) -> None:
+                 on_ready=None, park_disconnected: bool = False) -> None:
         if count < 1:
             raise ValueError(f"cache size must be at least 1, got {count}")
         self.base = base
         self.count = count
         self.get_timeout_s = get_timeout_s
         self._on_ready = on_ready  # progress callback(slot_index, vm, seconds)
+        # The VMCache server hands VMs to other processes, which connect QMP
+        # and the agent themselves: letting go when parking keeps ~1 ms of
+        # socket teardown off GetBaseVM.
+        self._park_disconnected = park_disconnected
         self._slots = [_Slot(i) for i in range(count)]
         self._ready: asyncio.Queue[_Slot] = asyncio.Queue()
         self._closed = False
+        self._waiting = 0  # callers blocked in take()
         self._tasks = [asyncio.ensure_future(self._worker(slot)) for slot in self._slots]
         self._tasks.append(asyncio.ensure_future(self._watch()))
 
@@ -68,7 +73,12 @@ class CacheFactory(FactoryBase):
             started = time.monotonic()
             try:
                 vm = await self.base.get_base_vm(self.base.config())
-                await self._warm(vm)
+                # Warming pays off only for a VM that will wait in the pool;
+                # one a caller is already waiting for would pay it twice.
+                if not self._waiting:
+                    await self._warm(vm)
+                if self._park_disconnected:
+                    await vm.disconnect()
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # keep serving: show it, back off, retry
@@ -141,10 +151,13 @@ class CacheFactory(FactoryBase):
                 if self._closed:
                     raise FactoryError("cache factory is closed")
                 remaining = deadline - time.monotonic()
+                self._waiting += 1
                 try:
                     slot = await asyncio.wait_for(self._ready.get(), max(remaining, 0))
                 except asyncio.TimeoutError:
                     raise FactoryError(self._timeout_message()) from None
+                finally:
+                    self._waiting -= 1
                 vm, slot.vm = slot.vm, None
                 if vm is None:
                     continue  # dropped by the watcher after it was queued

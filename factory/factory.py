@@ -127,5 +127,6 @@ async def new_factory(config: FactoryConfig, fetch_only: bool = False, ctx: Cont
         else:
             base = DirectFactory(vm_config, config.run_root)
         if config.cache > 0:
-            base = CacheFactory(base, config.cache, on_ready=on_ready)
+            # With vm_cache set, this cache is the VMCache server's pool.
+            base = CacheFactory(base, config.cache, on_ready=on_ready, park_disconnected=config.vm_cache)
         return Factory(base, config.run_root)
