@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The GrpcVM wire codec in Cython; behaviour defined by native/vmstate_pure.py."""
 from libc.stdint cimport uint64_t, int64_t, uint8_t
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcpy
 from libc.stdlib cimport malloc, free
 
@@ -81,11 +82,26 @@ cdef inline uint64_t _get_varint(const uint8_t* data, Py_ssize_t end, Py_ssize_t
             raise ValueError("varint too long in GrpcVM")
 
 
-def decode_grpc_vm(const uint8_t[::1] data):
-    cdef Py_ssize_t pos = 0, end = data.shape[0], length
+def decode_grpc_vm(data):
+    # bytes (what gRPC hands us) are read in place; anything else through a
+    # buffer view. Skipping the typed memoryview is ~10 % of a decode.
+    cdef const uint8_t[::1] view
+    cdef const uint8_t* p
+    cdef Py_ssize_t end
+    if type(data) is bytes:
+        p = <const uint8_t*>PyBytes_AS_STRING(<bytes>data)
+        end = PyBytes_GET_SIZE(<bytes>data)
+    else:
+        view = data
+        end = view.shape[0]
+        p = &view[0] if end else NULL
+    return _decode(p, end)
+
+
+cdef _decode(const uint8_t* p, Py_ssize_t end):
+    cdef Py_ssize_t pos = 0, length
     cdef uint64_t key, value
     cdef int number, wire
-    cdef const uint8_t* p = &data[0] if end else NULL
     vm_id, url, hv = "", "", b""
     cdef long long proxy_pid = 0
     cdef unsigned int cpu = 0, memory = 0, cpu_delta = 0
@@ -108,9 +124,9 @@ def decode_grpc_vm(const uint8_t[::1] data):
             if length < 0 or pos + length > end:
                 raise ValueError("truncated length-delimited field in GrpcVM")
             if number == 1:
-                vm_id = PyBytes_FromStringAndSize(<const char*>(p + pos), length).decode()
+                vm_id = PyUnicode_DecodeUTF8(<const char*>(p + pos), length, NULL)
             elif number == 4:
-                url = PyBytes_FromStringAndSize(<const char*>(p + pos), length).decode()
+                url = PyUnicode_DecodeUTF8(<const char*>(p + pos), length, NULL)
             elif number == 2:
                 hv = PyBytes_FromStringAndSize(<const char*>(p + pos), length)
             pos += length
