@@ -174,7 +174,7 @@ class TemplateFactory(FactoryBase):
 
     # ---- clones -------------------------------------------------------------
 
-    def clone_config(self, request: VMConfig | None = None) -> VMConfig:
+    def clone_config(self) -> VMConfig:
         hv = dataclasses.replace(self._config.hypervisor, boot_to_be_template=False, boot_from_template=True,
                                  memory_path=str(self.memory_path), devices_state_path=str(self.state_path))
         return dataclasses.replace(self._config, hypervisor=hv)
@@ -182,7 +182,7 @@ class TemplateFactory(FactoryBase):
     async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:
         with tracing.span(_TRACER, "template.GetBaseVM", ctx, subsystem="factory") as span_ctx:
             # The template's config, not the request's: a clone is what the template was.
-            return await VM.new(self.clone_config(config), self.run_root, span_ctx)
+            return await VM.new(self.clone_config(), self.run_root, span_ctx)
 
     async def close(self, ctx: Context | None = None) -> None:
         """Unmounts (lazily) and removes the template; errors are logged, as upstream."""

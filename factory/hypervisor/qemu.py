@@ -173,30 +173,14 @@ class Qemu:
     async def save_template(self, state_path: str, ctx: Context | None = None) -> None:
         """Writes the paused VM's device state (not its RAM: that is the shared file)."""
         with tracing.span(_TRACER, "hypervisor.SaveVM", ctx, subsystem="hypervisor", vm_id=self.state.id):
-            qmp = self._qmp_or_fail()
-            await _ignore_shared(qmp)
-            fd = fd_from_path(state_path, write=True)
-            try:
-                await qmp.pass_fd(fd, "migstate")
-            finally:
-                os.close(fd)  # QEMU holds its own copy now
             # fd: rather than exec:, which QEMU 7.2 runs through /bin/sh.
-            await qmp.execute("migrate", {"uri": "fd:migstate"})
-            await _wait_migration(qmp, f"saving VM {self.state.id} to {state_path}")
+            await _migrate_through_fd(self._qmp_or_fail(), state_path, "migrate",
+                                      f"saving VM {self.state.id} to {state_path}")
 
     async def _load_state(self, state_path: str, ctx: Context | None) -> None:
         with tracing.span(_TRACER, "hypervisor.LoadState", ctx, subsystem="hypervisor", vm_id=self.state.id):
-            qmp = self._qmp_or_fail()
-            # Must be set on the destination too, before the stream is read.
-            await _ignore_shared(qmp)
-            # A fresh fd per clone: QEMU reads from the fd's offset.
-            fd = fd_from_path(state_path, write=False)
-            try:
-                await qmp.pass_fd(fd, "migstate")
-            finally:
-                os.close(fd)
-            await qmp.execute("migrate-incoming", {"uri": "fd:migstate"})
-            await _wait_migration(qmp, f"loading VM {self.state.id} from {state_path}")
+            await _migrate_through_fd(self._qmp_or_fail(), state_path, "migrate-incoming",
+                                      f"loading VM {self.state.id} from {state_path}")
 
     # ---- hotplug -----------------------------------------------------------
 
@@ -294,9 +278,20 @@ async def _daemonize(cmd: list[str], run: RunDir) -> tuple[int, int]:
     return pid, started
 
 
-async def _ignore_shared(qmp: QMP) -> None:
+async def _migrate_through_fd(qmp: QMP, state_path: str, command: str, what: str) -> None:
+    """Device state to (`migrate`) or from (`migrate-incoming`) a file, handed over by fd."""
+    # x-ignore-shared: RAM stays in the shared file; on the destination it
+    # must be set before the stream is read.
     await qmp.execute("migrate-set-capabilities",
                       {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+    # A fresh fd each time: QEMU reads from the fd's current offset.
+    fd = fd_from_path(state_path, write=command == "migrate")
+    try:
+        await qmp.pass_fd(fd, "migstate")
+    finally:
+        os.close(fd)  # QEMU holds its own copy now
+    await qmp.execute(command, {"uri": "fd:migstate"})
+    await _wait_migration(qmp, what)
 
 
 async def _wait_migration(qmp: QMP, what: str) -> None:

@@ -53,3 +53,17 @@ class FakeGuest:
     def add_virtio_port(self, device: str, name: str) -> None:
         _write(os.path.join(self.root.virtio_ports_dir, device, "name"), name + "\n")
         _write(self.root.dev(device), "")
+
+
+def can_reseed_host_crng() -> bool:
+    """RNDRESEEDCRNG needs CAP_SYS_ADMIN, which Bazel's sandbox drops even for root."""
+    import fcntl
+
+    from guest.agent.handler import RNDRESEEDCRNG
+
+    try:
+        with open("/dev/urandom", "wb") as f:
+            fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
+        return True
+    except OSError:
+        return False

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.bundles import make_bundle
+from tests.integration.vmtest import write_config
 from tests.bench import common, runner
 from tests.bench.vmcache_server import VMCacheServer
 
@@ -44,23 +45,8 @@ _DEBUG_LINE = re.compile(r"factory path (?P<path>.+?), phases \(ms\) (?P<phases>
 
 def _write_config(root: str, initrd_path: str, template: bool) -> str:
     """Direct or template config, everything under `root` (VMCache uses VMCacheServer's)."""
-    path = os.path.join(root, "configuration.toml")
-    Path(path).write_text(f"""
-[hypervisor.qemu]
-default_memory = {common.BENCH_MEMORY_MIB}
-default_maxvcpus = {common.BENCH_MAX_VCPUS}
-initrd = "{initrd_path}"
-[agent.kata]
-dial_timeout = {common.BENCH_DIAL_TIMEOUT_S:.0f}
-[factory]
-enable_template = {str(template).lower()}
-template_path = "{root}/template"
-vm_cache_number = 0
-vm_cache_endpoint = "{root}/cache.sock"
-[runtime]
-vm_run_root = "{root}/vm"
-""")
-    return path
+    return write_config(root, template, 0, common.BENCH_MEMORY_MIB, common.BENCH_MAX_VCPUS,
+                        initrd_path, common.BENCH_DIAL_TIMEOUT_S)
 
 
 class Runtime:

@@ -21,6 +21,7 @@ from factory.hypervisor.qemu import Qemu, QemuState
 from native import vmstate
 from protocols.cache import cache_pb2_grpc
 from tests.bench.common import BENCH_DIAL_TIMEOUT_S, BENCH_MAX_VCPUS, BENCH_MEMORY_MIB
+from tests.integration.vmtest import write_config
 
 # Runfiles: this file is <runfiles>/<workspace>/tests/bench/; the server is a data dependency.
 SERVER_BINARY = Path(__file__).parent.parent.parent / "vmcache" / "server"
@@ -52,26 +53,12 @@ class VMCacheServer:
         self.root = root
         self.pool = pool
         self.socket = os.path.join(root, "cache.sock")
-        self.config_path = os.path.join(root, "configuration.toml")
         self.log_path = os.path.join(root, "server.log")
         self.proc: asyncio.subprocess.Process | None = None
         self._channel: grpc.aio.Channel | None = None
         os.makedirs(root, exist_ok=True)
-        Path(self.config_path).write_text(f"""
-[hypervisor.qemu]
-default_memory = {BENCH_MEMORY_MIB}
-default_maxvcpus = {BENCH_MAX_VCPUS}
-initrd = "{initrd_path}"
-[agent.kata]
-dial_timeout = {BENCH_DIAL_TIMEOUT_S}
-[factory]
-enable_template = {str(template).lower()}
-template_path = "{root}/template"
-vm_cache_number = {pool}
-vm_cache_endpoint = "{self.socket}"
-[runtime]
-vm_run_root = "{root}/vm"
-""")
+        self.config_path = write_config(root, template, pool, BENCH_MEMORY_MIB, BENCH_MAX_VCPUS,
+                                        initrd_path, BENCH_DIAL_TIMEOUT_S)
 
     async def start(self) -> None:
         with open(self.log_path, "wb") as log_file:

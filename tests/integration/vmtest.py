@@ -26,15 +26,17 @@ def base_config(**hypervisor) -> VMConfig:
     return VMConfig(hypervisor=HypervisorConfig(**hv), agent=AgentConfig(dial_timeout_s=TEST_BOOT_TIMEOUT_S)).valid()
 
 
-def write_config(root: str, template: bool, cache: int) -> str:
+def write_config(root: str, template: bool, cache: int, memory_mib: int = TEST_MEMORY_MIB,
+                 max_vcpus: int = 4, initrd: str = "", dial_timeout_s: float = TEST_BOOT_TIMEOUT_S) -> str:
     """A configuration.toml keeping everything (template, socket, VMs) under `root`."""
     path = os.path.join(root, "configuration.toml")
     Path(path).write_text(f"""
 [hypervisor.qemu]
-default_memory = {TEST_MEMORY_MIB}
-default_maxvcpus = 4
+default_memory = {memory_mib}
+default_maxvcpus = {max_vcpus}
+initrd = "{initrd}"
 [agent.kata]
-dial_timeout = {TEST_BOOT_TIMEOUT_S:.0f}
+dial_timeout = {dial_timeout_s:.0f}
 [factory]
 enable_template = {str(template).lower()}
 template_path = "{root}/template"

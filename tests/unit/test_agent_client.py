@@ -20,7 +20,7 @@ from opentelemetry.trace import StatusCode
 from factory.agent.client import AgentClient
 from factory.errors import AgentError, AgentTimeoutError
 from guest.agent import AGENT_VERSION
-from guest.agent.fakeroot import BOOT_ID, FakeGuest
+from guest.agent.fakeroot import BOOT_ID, FakeGuest, can_reseed_host_crng
 from guest.agent.handler import RNDRESEEDCRNG, AgentHandler
 from guest.agent.service import AgentService
 from protocols.agent.framing import PROTOCOL_VERSION
@@ -67,16 +67,6 @@ class GuestAgent:
             self._thread.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
-
-
-def _can_reseed_host_crng() -> bool:
-    """RNDRESEEDCRNG needs CAP_SYS_ADMIN, which Bazel's sandbox drops even for root."""
-    try:
-        with open("/dev/urandom", "wb") as f:
-            fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -127,7 +117,7 @@ def test_every_request_round_trips(agent, guest):
             guest.add_cpu(2)
             online = await client.online_cpu_mem(nb_cpus=3, wait=True)
             assert (online.onlined_cpus, online.online_cpus) == (1, 3)
-            if _can_reseed_host_crng():
+            if can_reseed_host_crng():
                 await client.reseed_random_dev(os.urandom(64))
         finally:
             await client.close()

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from guest.agent import AGENT_VERSION
-from guest.agent.fakeroot import BOOT_ID, FakeGuest
+from guest.agent.fakeroot import BOOT_ID, FakeGuest, can_reseed_host_crng
 from guest.agent.handler import MAX_READ_RANDOM_BYTES, AgentHandler
 from guest.agent.uevent import Uevent, parse_uevent
 from protocols.agent import agent_pb2
@@ -84,18 +84,7 @@ def test_read_random_bounds(handler, length):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="RNDRESEEDCRNG needs CAP_SYS_ADMIN")
-def _can_reseed_host_crng() -> bool:
-    import fcntl
-    from guest.agent.handler import RNDRESEEDCRNG
-    try:
-        with open("/dev/urandom", "wb") as f:
-            fcntl.ioctl(f.fileno(), RNDRESEEDCRNG)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _can_reseed_host_crng(),
+@pytest.mark.skipif(not can_reseed_host_crng(),
                     reason="RNDRESEEDCRNG needs CAP_SYS_ADMIN, which Bazel's sandbox drops; "
                            "the integration tests reseed real guests")
 def test_reseed_random_dev(handler):
