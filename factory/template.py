@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 from opentelemetry.context import Context
@@ -25,6 +24,7 @@ from factory.errors import TemplateError
 from factory.hypervisor import cmdline
 from factory.hypervisor import accelerator
 from factory.hypervisor.accelerator import Accelerator
+from factory.hypervisor.binary import qemu_version
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir
 from factory.vm import VM
 from protocols.agent.framing import PROTOCOL_VERSION
@@ -46,14 +46,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _qemu_version(qemu_path: str) -> str:
-    try:
-        out = subprocess.run([qemu_path, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"unknown ({err})"
-    return out.splitlines()[0] if out else "unknown"
-
-
 def expected_metadata(config: VMConfig) -> dict:
     """What a clone booted from `config` must share with the template."""
     hv = config.hypervisor
@@ -73,7 +65,7 @@ def expected_metadata(config: VMConfig) -> dict:
         "max_memory_mib": hv.max_memory_mib,
         "machine": hv.machine,
         "devices": devices,
-        "qemu_version": _qemu_version(hv.qemu_path),
+        "qemu_version": qemu_version(hv.qemu_path),
         # A TCG template's CPU state does not load under KVM, nor the reverse.
         "accelerator": accelerator.choose(hv.accelerator, hv.qemu_path).name,
         "agent_protocol_version": PROTOCOL_VERSION,

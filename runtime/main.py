@@ -55,26 +55,20 @@ def _version(args: Sequence[str]) -> int:
 
 def _env(args: Sequence[str]) -> int:
     import json
-    import subprocess
-
     from factory import assets
     from factory.config import HypervisorConfig
     from factory.hypervisor import accelerator
+    from factory.hypervisor.binary import qemu_version
 
     hv = HypervisorConfig().valid()
     kernel = assets.kernel_info()
-    try:
-        qemu_version = subprocess.run([hv.qemu_path, "--version"], capture_output=True, text=True,
-                                      timeout=10).stdout.splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired) as err:
-        qemu_version = f"unavailable ({err})"
     accel = accelerator.choose(hv.accelerator, hv.qemu_path)
     print(json.dumps({
         "Runtime": {"Version": RUNTIME_VERSION},
         "Kernel": {"Path": hv.kernel_path, "Package": kernel.get("package", "not installed"),
                    "Version": kernel.get("version", ""), "Release": kernel.get("release", "")},
         "Initrd": {"Path": hv.initrd_path},
-        "Hypervisor": {"Path": hv.qemu_path, "Version": qemu_version, "Machine": hv.machine,
+        "Hypervisor": {"Path": hv.qemu_path, "Version": qemu_version(hv.qemu_path), "Machine": hv.machine,
                        "Accelerator": accel.name, "AcceleratorReason": accel.reason, "CPUModel": accel.cpu_model},
     }, indent=2))
     return 0

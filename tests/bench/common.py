@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 from factory import assets
 from factory.config import AgentConfig, DEFAULT_QEMU, HypervisorConfig, VMConfig
 from factory.hypervisor import accelerator
+from factory.hypervisor.binary import qemu_version
 
 # The size the integration tests and the VMCache example use: small guests
 # keep ten VMs and their templates well inside a 24 GiB, 2-core machine.
@@ -73,14 +74,6 @@ def _meminfo_kib(key: str) -> int:
     return 0
 
 
-def _qemu_version(path: str) -> str:
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"unknown ({err})"
-    return out.splitlines()[0] if out else "unknown"
-
-
 def foreign_qemus() -> list[str]:
     """QEMU processes already running: they compete for the 2 cores and skew timings."""
     found = []
@@ -105,7 +98,7 @@ def environment() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gib": round(_meminfo_kib("MemTotal") / 1024 / 1024, 1),
         "host_kernel": platform.release(),
-        "qemu": _qemu_version(DEFAULT_QEMU),
+        "qemu": qemu_version(DEFAULT_QEMU),
         "accelerator": accel.name,
         "accelerator_reason": accel.reason,
         "guest_kernel": (f"{kernel.get('package', '?')} {kernel.get('version', '')} (PVH vmlinux)"
