@@ -17,7 +17,8 @@ from pathlib import Path
 
 from opentelemetry.context import Context
 
-from factory import memfile, mounts, tracing
+from factory import memfile, tracing
+from hostos import mounts
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import TemplateError

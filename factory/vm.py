@@ -17,7 +17,7 @@ from factory import tracing
 from factory.agent.client import AgentClient
 from factory.config import VMConfig
 from factory.errors import AgentError, AgentTimeoutError, BootError
-from factory.hypervisor import process
+from hostos import process
 from factory.hypervisor.qemu import Qemu, QemuState
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, tail
 

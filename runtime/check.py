@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 from typing import Callable, TextIO
 
-from factory import mounts
+from hostos import mounts
 from factory.config import HypervisorConfig
 from factory.hypervisor import accelerator
 from runtime.config.loader import RuntimeConfig

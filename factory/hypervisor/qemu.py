@@ -20,7 +20,8 @@ from opentelemetry.context import Context
 from factory import tracing
 from factory.config import HypervisorConfig
 from factory.errors import BootError, HypervisorError, HypervisorTimeoutError
-from factory.hypervisor import accelerator, cmdline, process
+from factory.hypervisor import accelerator, cmdline
+from hostos import process
 from factory.hypervisor.qmp import QMP, fd_from_path
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir, tail
 

@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from factory import mounts
-from factory.hypervisor import process as host_process
+from hostos import mounts
+from hostos import process as host_process
 from factory.hypervisor.qemu import Qemu, QemuState
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
 from runtime.sandbox import control

@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 from opentelemetry.context import Context
 
-from factory import mounts, tracing
+from factory import tracing
+from hostos import mounts
 from factory.config import VMConfig
-from factory.hypervisor import process as host_process
+from hostos import process as host_process
 from factory.vm import VM
 from runtime.config.loader import RuntimeConfig
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process

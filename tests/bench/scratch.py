@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from factory.hypervisor.process import pids_mentioning
+from hostos.process import pids_mentioning
 
 
 def _mounts_under(root: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.hypervisor import process
+from hostos import process
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import write_config
 

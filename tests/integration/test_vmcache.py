@@ -18,7 +18,7 @@ from google.protobuf import empty_pb2
 from factory.config import VMConfig
 from factory.factory import FactoryConfig, new_factory
 from factory.grpccache import GrpcCacheFactory
-from factory.hypervisor import process
+from hostos import process
 from factory.hypervisor.qemu import Qemu, QemuState
 from native import vmstate
 from protocols.cache import cache_pb2, cache_pb2_grpc

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from factory.config import AgentConfig, HypervisorConfig, VMConfig
-from factory.hypervisor.process import pids_mentioning as processes_mentioning
+from hostos.process import pids_mentioning as processes_mentioning
 
 # Small guests keep the suite's tmpfs and memory use low on 2-core CI machines.
 TEST_MEMORY_MIB = 512
