@@ -10,7 +10,7 @@ from typing import Callable, TextIO
 from hostos import mounts
 from factory.config import HypervisorConfig
 from factory.hypervisor import accelerator
-from runtime.config.loader import RuntimeConfig
+from configuration.loader import RuntimeConfig
 
 
 def _qemu_capabilities(qemu: str) -> str:

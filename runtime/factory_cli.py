@@ -13,7 +13,9 @@ from google.protobuf import empty_pb2
 from factory.errors import FactoryError, TemplateError
 from factory.template import TemplateFactory
 from protocols.cache import cache_pb2, cache_pb2_grpc
-from runtime.config.loader import RuntimeConfig
+from configuration import loader
+from configuration.loader import RuntimeConfig
+from runtime import programs
 
 # How long destroy waits for the server to stop its VMs and remove its socket.
 DESTROY_WAIT_S = 30.0
@@ -36,9 +38,10 @@ def _stub(endpoint: str) -> tuple[grpc.Channel, cache_pb2_grpc.CacheServiceStub]
 
 def init(config: RuntimeConfig, out: TextIO) -> int:
     if config.vm_cache_number > 0:
-        from vmcache.server import serve
-        asyncio.run(serve(config))
-        return 0
+        # Upstream's `factory init` runs the VMCache server in the foreground: this process becomes it.
+        server = programs.vmcache_server()
+        argv = [server] if config.path == loader.EMBEDDED else [server, "--config", config.path]
+        os.execv(server, argv)
     if config.enable_template:
         asyncio.run(TemplateFactory.create(config.vm_config, config.template_path, config.vm_run_root))
         print("vm factory initialized", file=out)

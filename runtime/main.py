@@ -76,14 +76,14 @@ def _env(args: Sequence[str]) -> int:
 
 def _factory(args: Sequence[str]) -> int:
     from runtime import factory_cli
-    from runtime.config import loader
+    from configuration import loader
 
     return factory_cli.run(loader.load(FLAGS.config), args, sys.stdout, FLAGS.json)
 
 
 def _check(args: Sequence[str]) -> int:
     from runtime import check
-    from runtime.config import loader
+    from configuration import loader
 
     return check.run(loader.load(FLAGS.config), sys.stdout)
 
@@ -144,7 +144,7 @@ def _shim(args: Sequence[str]) -> int:
     import asyncio
     import logging as std_logging
 
-    from runtime.config import loader
+    from configuration import loader
     from runtime.sandbox.shim import run_shim
 
     from factory import tracing
@@ -195,11 +195,16 @@ def main(argv: Sequence[str]) -> int:
     if command not in COMMANDS:
         raise app.UsageError(f"unknown command {command!r}; one of: " + ", ".join(sorted(COMMANDS)))
     from factory.errors import FactoryError
+    from runtime.errors import KataRuntimeError
 
     try:
         return COMMANDS[command](args)
-    except FactoryError as err:
+    except (FactoryError, KataRuntimeError) as err:
         print(f"kata-runtime: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        # Whatever the host refused (a path, a permission, a mount) is still one line, not a traceback.
+        print(f"kata-runtime: {command}: {err}", file=sys.stderr)
         return 1
 
 

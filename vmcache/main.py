@@ -17,7 +17,7 @@ from typing import Sequence
 from absl import app, flags, logging
 
 from factory.errors import FactoryError
-from runtime.config import loader
+from configuration import loader
 from vmcache.server import serve
 
 flags.DEFINE_string("config", None, "configuration.toml to use")

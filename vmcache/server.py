@@ -18,7 +18,7 @@ import grpc
 from factory import tracing
 from factory.errors import ConfigError
 from factory.factory import new_factory
-from runtime.config.loader import RuntimeConfig
+from configuration.loader import RuntimeConfig
 from vmcache import endpoint
 from vmcache.service import CacheService
 

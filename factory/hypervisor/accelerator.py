@@ -12,9 +12,9 @@ import os
 import subprocess
 import threading
 
+from factory.config import ACCELERATORS
 from factory.errors import ConfigError
 
-ACCELERATORS = ("auto", "kvm", "tcg")
 
 # A KVM start probe that takes longer than this is as good as a hang.
 KVM_PROBE_TIMEOUT_S = 5.0

@@ -12,14 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from factory.errors import FactoryError
+from runtime.errors import KataRuntimeError
 
 SUPPORTED_OCI_MAJOR = "1."
 OCI_VERSION = "1.0.2"
 MIB = 1024 * 1024
 
 
-class SpecError(FactoryError):
+class SpecError(KataRuntimeError):
     """The bundle or its config.json cannot be used."""
 
 

@@ -27,7 +27,7 @@ from hostos import mounts
 from factory.config import VMConfig
 from hostos import process as host_process
 from factory.vm import VM
-from runtime.config.loader import RuntimeConfig
+from configuration.loader import RuntimeConfig
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
 from runtime.sandbox import vm_source
 from runtime.sandbox.state import ContainerState, StateStore, now_rfc3339

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from factory.errors import FactoryError
+from runtime.errors import KataRuntimeError
 
 DEFAULT_ROOT = "/run/kata-vmfactory"
 # Same rule as runc: ids become directory and file names.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-class ContainerError(FactoryError):
+class ContainerError(KataRuntimeError):
     """A container id, its state or an operation on it is wrong."""
 
 

@@ -13,7 +13,7 @@ from opentelemetry.context import Context
 from factory.errors import FactoryError
 from factory.factory import Factory, new_factory
 from factory.template import TemplateFactory
-from runtime.config.loader import RuntimeConfig
+from configuration.loader import RuntimeConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 import pytest
 
 from factory.errors import ConfigError
-from runtime.config import loader
+from configuration import loader
 
 
 def test_built_in_configuration_is_valid_and_used_when_nothing_else_exists(monkeypatch):
