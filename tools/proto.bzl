@@ -22,5 +22,7 @@ def py_proto(name, src, grpc = False, visibility = None):
     native.py_library(
         name = name,
         srcs = [o for o in outs if o.endswith(".py")],
+        # The .pyi types reach the runfiles for mypy (//tests/static:mypy_test).
+        data = [o for o in outs if o.endswith(".pyi")],
         visibility = visibility,
     )

@@ -1,0 +1,6 @@
+# Types of the Cython module native/vmstate.pyx, for mypy; behaviour is native/vmstate_pure.py's.
+from native.vmstate_pure import GrpcVMFields
+
+def encode_grpc_vm(vm_id: str, hypervisor: bytes, proxy_pid: int, proxy_url: str,
+                   cpu: int, memory: int, cpu_delta: int) -> bytes: ...
+def decode_grpc_vm(data: bytes | bytearray | memoryview) -> GrpcVMFields: ...
