@@ -6,6 +6,7 @@ factory.factory.Factory; a strategy only produces paused VMs.
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 from opentelemetry.context import Context
 
@@ -33,6 +34,6 @@ class FactoryBase(abc.ABC):
         """
         return []
 
-    def details(self) -> dict:
+    def details(self) -> dict[str, Any]:
         """More than status(), for `factory status --json`."""
         return {"strategy": type(self).__name__}

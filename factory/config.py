@@ -8,13 +8,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 from factory import assets
 from factory.errors import ConfigError
 
 # The hypervisor.accelerator settings; named here so the config layer needs nothing from the driver.
 ACCELERATORS = ("auto", "kvm", "tcg")
+
+# Any of the config sections _build() makes from a dict.
+_Section = TypeVar("_Section", "HypervisorConfig", "AgentConfig")
 
 HYPERVISOR_TYPES = ("qemu",)
 MACHINES = ("q35",)  # microvm has no ACPI CPU/DIMM hotplug, which the factory needs
@@ -162,7 +165,7 @@ class VMConfig:
         return cls.from_dict(data)
 
 
-def _build(kind: type, data: dict[str, Any], section: str):
+def _build(kind: type[_Section], data: dict[str, Any], section: str) -> _Section:
     fields = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(data) - fields)
     if unknown:

@@ -10,7 +10,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 from native import zeropages
 
@@ -34,7 +34,7 @@ class PunchReport:
         return self.zero_pages_freed * PAGE_SIZE / (1024 * 1024)
 
 
-def _data_regions(fd: int, size: int):
+def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:
     offset = 0
     while offset < size:
         try:
