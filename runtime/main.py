@@ -56,15 +56,17 @@ def _version(args: Sequence[str]) -> int:
 def _env(args: Sequence[str]) -> int:
     import json
     from factory import assets
-    from factory.config import HypervisorConfig
+    from configuration import loader
     from factory.hypervisor import accelerator
     from factory.hypervisor.binary import qemu_version
 
-    hv = HypervisorConfig().valid()
+    # What this configuration would boot, not the built-in defaults: an install names its own assets.
+    config = loader.load(FLAGS.config)
+    hv = config.vm_config.hypervisor
     kernel = assets.kernel_info()
     accel = accelerator.choose(hv.accelerator, hv.qemu_path)
     print(json.dumps({
-        "Runtime": {"Version": RUNTIME_VERSION},
+        "Runtime": {"Version": RUNTIME_VERSION, "Config": config.path},
         "Kernel": {"Path": hv.kernel_path, "Package": kernel.get("package", "not installed"),
                    "Version": kernel.get("version", ""), "Release": kernel.get("release", "")},
         "Initrd": {"Path": hv.initrd_path},
