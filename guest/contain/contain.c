@@ -436,6 +436,22 @@ static void run_program(void) {
     fail(errno, "exec %s", cfg.exec_path);
 }
 
+/* The init keeps nothing the program lacks: the program's ids and no capabilities at all. So
+ * ptracing it gains the container nothing, and the container can read /proc/1/root and the rest
+ * of its init's /proc entries as it could with runc, where PID 1 is the program itself. */
+static void drop_to_program_credentials(void) {
+    if (cfg.set_ids) {
+        if (setgroups(cfg.n_groups, cfg.groups) || setresgid(cfg.gid, cfg.gid, cfg.gid) ||
+            setresuid(cfg.uid, cfg.uid, cfg.uid))
+            _exit(126);
+    }
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct none[2];
+    memset(none, 0, sizeof none);
+    if (syscall(SYS_capset, &header, none)) _exit(126);
+    prctl(PR_SET_DUMPABLE, 1, 0, 0, 0); /* a uid change cleared it */
+}
+
 /* PID 1 of a new container: mounts, hostname, then the program as its child. */
 static void container_init(void) {
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)) fail(errno, "PR_SET_PDEATHSIG");
@@ -447,8 +463,7 @@ static void container_init(void) {
     if (program == 0) run_program();
     close(STATUS_FD);
     close(START_FD);
-    /* Nothing in the container may ptrace or read this root process's memory. */
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    drop_to_program_credentials();
     forward_signals_to(program);
     int raw;
     _exit(wait_for(program, &raw)); /* PID 1 cannot die by a signal it does not handle */
