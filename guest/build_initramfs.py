@@ -45,12 +45,14 @@ DEFAULT_MODULES = (
 # drags in libstdc++ and libgcc_s.
 DEFAULT_PROTOBUF_IMPL = "python"
 MODULE_DIR = "lib/modules"
-MODULE_LIST = MODULE_DIR + "/load.list"  # read by guest/init: one module name a line, in load order
+MODULE_LIST = MODULE_DIR + "/load.list"
+# Where the agent finds the container helper (guest/agent/containment.py names the same path).
+CONTAIN_PATH = "sbin/vmf-contain"  # read by guest/init: one module name a line, in load order
 
 # Applets guest/init (and a person debugging on the console) uses.
 BUSYBOX_APPLETS = (
-    "sh ash cat dmesg echo insmod kill ln ls mkdir mknod mount poweroff ps reboot rm sleep "
-    "sync test true false umount uname"
+    "sh ash cat cp dmesg echo insmod kill ln ls mkdir mknod mount poweroff ps reboot rm sleep "
+    "switch_root sync test true false umount uname"
 ).split()
 
 DEFAULT_AGENT_SOURCES = (
@@ -135,8 +137,8 @@ def stage_agent_tree(sources: Dict[str, str], tree: str) -> None:
             open(os.path.join(dirpath, "__init__.py"), "w").close()
 
 
-def add_base_system(archive: CpioArchive, init: str, busybox: str) -> None:
-    for directory in ("dev", "proc", "sys", "tmp", "run", "root", "etc", "bin", "sbin", "usr/bin", "mnt"):
+def add_base_system(archive: CpioArchive, init: str, busybox: str, contain: Optional[str] = None) -> None:
+    for directory in ("dev", "proc", "sys", "tmp", "run", "root", "etc", "bin", "sbin", "usr/bin", "mnt", "newroot"):
         archive.add_dir(directory)
     # The kernel opens /dev/console for init's stdio before init can mount devtmpfs.
     archive.add_char_device("dev/console", 5, 1, 0o600)
@@ -147,6 +149,9 @@ def add_base_system(archive: CpioArchive, init: str, busybox: str) -> None:
         archive.add_file("bin/busybox", f.read(), 0o755)
     for applet in BUSYBOX_APPLETS:
         archive.add_symlink(f"bin/{applet}", "busybox")
+    if contain is not None:
+        with open(contain, "rb") as f:
+            archive.add_file(CONTAIN_PATH, f.read(), 0o755)
 
 
 def add_kernel_modules(archive: CpioArchive, modules_dir: str, names: List[str]) -> List[str]:
@@ -162,7 +167,7 @@ def build(args: argparse.Namespace) -> CpioArchive:
     with open(args.kernel_json) as f:
         kernel = json.load(f)
     archive = CpioArchive()
-    add_base_system(archive, args.init, args.busybox)
+    add_base_system(archive, args.init, args.busybox, args.contain)
     loaded = add_kernel_modules(archive, kernel["modules_dir"], args.modules)
     log(f"kernel modules ({kernel['release']}), load order: {' '.join(loaded)}")
 
@@ -197,6 +202,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--kernel-json", required=True, help="kernel.json written by tools/guest_kernel.py")
     parser.add_argument("--busybox", default="/bin/busybox", help="a static busybox")
     parser.add_argument("--init", default=os.path.join(here, "init"), help="the guest's /init script")
+    parser.add_argument("--contain", default=None, help="the static vmf-contain helper (bazel build //guest:vmf-contain)")
     parser.add_argument("--agent-source", action="append", default=[], help="an agent source file (repeat)")
     parser.add_argument(
         "--source-root", action="append", default=[],

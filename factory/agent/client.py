@@ -172,15 +172,32 @@ class AgentClient:
 
     async def create_process(self, exec_id: str, args: list[str], env: list[str], cwd: str, uid: int, gid: int,
                              additional_gids: list[int], rootfs: str, rootfs_readonly: bool = False,
-                             hostname: str = "", open_stdin: bool = False, timeout_s: float = REQUEST_TIMEOUT_S,
-                             ctx: Context | None = None) -> int:
-        """Forks the process in the guest, set up and waiting for start_process; returns its guest pid.
+                             hostname: str = "", open_stdin: bool = False, *,
+                             container_exec_id: str = "", capabilities: dict[str, list[str]] | None = None,
+                             rlimits: list[tuple[str, int, int]] = (), no_new_privileges: bool = False,
+                             mounts: list[dict[str, Any]] = (), readonly_paths: list[str] = (),
+                             masked_paths: list[str] = (), guest_root: bool = False,
+                             timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> int:
+        """Creates the process in the guest, contained and waiting for start_process; returns its guest pid.
 
+        `container_exec_id`: an exec, joining that running container's namespaces. `capabilities`:
+        OCI sets by name ({"bounding": ["CAP_KILL"], ...}); None gives the guest's default set.
+        `mounts`: OCI mount objects (type, source inside the rootfs for binds, destination,
+        options). `guest_root`: uncontained in the guest's root (host-trusted tests only).
         A missing executable or cwd inside `rootfs` is an AgentError here, not an exit status.
         """
         request = agent_pb2.CreateProcessRequest(
             exec_id=exec_id, args=args, env=env, cwd=cwd, uid=uid, gid=gid, additional_gids=additional_gids,
-            rootfs=rootfs, rootfs_readonly=rootfs_readonly, hostname=hostname, open_stdin=open_stdin)
+            rootfs=rootfs, rootfs_readonly=rootfs_readonly, hostname=hostname, open_stdin=open_stdin,
+            container_exec_id=container_exec_id, no_new_privileges=no_new_privileges, guest_root=guest_root,
+            readonly_paths=readonly_paths, masked_paths=masked_paths,
+            rlimits=[agent_pb2.Rlimit(type=kind, soft=soft, hard=hard) for kind, soft, hard in rlimits],
+            mounts=[agent_pb2.Mount(type=m["type"], source=m.get("source", ""), destination=m["destination"],
+                                    options=m.get("options", [])) for m in mounts])
+        if capabilities is not None:
+            request.capabilities.SetInParent()
+            for field in ("bounding", "effective", "permitted", "inheritable", "ambient"):
+                getattr(request.capabilities, field).extend(capabilities.get(field, []))
         reply = await self._call("CreateProcess", "create_process", request, timeout_s, ctx)
         return reply.pid
 

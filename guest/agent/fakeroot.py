@@ -12,6 +12,17 @@ from typing import Iterable
 from guest.agent.guestfs import GuestRoot
 
 BOOT_ID = "0f3c1b1e-6a0e-4d5b-9a52-5b0c8e0f1c2d"
+# The container helper as Bazel builds it, relative to a test's runfiles directory (a test's
+# BUILD target lists //guest:vmf-contain in its data).
+CONTAIN_RUNFILE = "guest/vmf-contain"
+
+
+def contain_helper() -> str:
+    """The vmf-contain binary for host-side tests: $KVF_CONTAIN, or the Bazel runfile."""
+    path = os.environ.get("KVF_CONTAIN") or os.path.abspath(CONTAIN_RUNFILE)
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"vmf-contain helper {path} missing: add //guest:vmf-contain to the test's data, or set KVF_CONTAIN")
+    return path
 
 
 def _write(path: str, text: str) -> None:
@@ -24,7 +35,7 @@ class FakeGuest:
     def __init__(self, directory: str, *, possible_cpus: int = 4, mem_total_kib: int = 500_000) -> None:
         self.directory = directory
         # The host's real /dev/urandom: reading and the reseed ioctl work on it (the latter as root).
-        self.root = GuestRoot(directory, urandom="/dev/urandom")
+        self.root = GuestRoot(directory, urandom="/dev/urandom", contain=contain_helper())
         _write(self.root.path("proc/sys/kernel/random/boot_id"), BOOT_ID + "\n")
         self.set_mem_total(mem_total_kib)
         _write(self.root.path("sys/devices/system/cpu/possible"), f"0-{possible_cpus - 1}\n")

@@ -14,6 +14,8 @@ class GuestRoot(NamedTuple):
     # The random device is separate from `root`: tests use the host's real /dev/urandom with a
     # fake sysfs (a regular file would reject the reseed ioctl).
     urandom: str = "/dev/urandom"
+    # The container helper (guest/contain/contain.c); build_initramfs puts it here.
+    contain: str = "/sbin/vmf-contain"
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)

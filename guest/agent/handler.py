@@ -64,7 +64,7 @@ class AgentHandler:
         self._online_wait_timeout_s = online_wait_timeout_s
         self._pending: List[_PendingOnline] = []
         self._mount = mount
-        self.processes = ProcessTable(mountinfo_path=self._mountinfo_path, mount=mount)
+        self.processes = ProcessTable(mountinfo_path=self._mountinfo_path, mount=mount, contain_path=root.contain)
 
     @property
     def _mountinfo_path(self) -> str:

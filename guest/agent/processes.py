@@ -7,8 +7,11 @@ StartProcess until the exec, WaitProcess until the exit, WriteStdin until the pi
 come out later as messages from handle_ready() or reap().
 
 Life of a process, as the agent sees it:
-  CREATING  forked; the child sets itself up (session, stdio, chroot, cwd, ids) and writes "R" on
-            its status pipe, or "E<why>" and exits. CreateProcess is answered then.
+  CREATING  spawned: the helper vmf-contain (guest/contain/contain.c) puts it in its container
+            (namespaces, mounts, pivot_root, ids, capabilities) and writes "R" on its status pipe,
+            or "E<why>" and exits. A new container's helper also writes "C<pid>\n", the pid of
+            the container's init, whose namespaces later execs join. CreateProcess is answered
+            at "R".
   CREATED   the child blocks reading its start pipe.
   STARTING  StartProcess wrote the start byte and the child calls execve. The status pipe is
             close-on-exec, so EOF without an "E" means the exec happened; StartProcess is answered.
@@ -22,16 +25,14 @@ the error and the child is reaped without an event.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import select
-import signal
 import socket
 from collections import deque
-from typing import Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional
 
-from guest.agent import mounts, rootfs
+from guest.agent import containment, mounts, rootfs
 from guest.agent.log import log
 from guest.agent.messages import RequestError, reply_message, response_message
 from protocols.agent import agent_pb2
@@ -45,8 +46,8 @@ OUTPUT_CHUNK_BYTES = 64 * 1024
 MAX_EXITED_KEPT = 256
 # Without a pidfd (kernel < 5.3) and before SIGCHLD wakes the loop, how often to look for exits.
 REAP_POLL_S = 0.1
-# The child's error message on the status pipe: one write under PIPE_BUF stays in one piece.
-MAX_CHILD_ERROR_BYTES = 2048
+# The helper's fds: 0-2 stdio, 3 its status pipe, 4 its start pipe (guest/contain/contain.c).
+HELPER_FDS = 5
 # Linux signal numbers (SIGRTMAX is 64 on every architecture we run on).
 MAX_SIGNAL = 64
 
@@ -78,6 +79,7 @@ class _Process:
         self.stdin_queue: Deque[_StdinItem] = deque()
         self.outputs: Dict[int, int] = {}  # read end -> stream number
         self.exit_status: Optional[int] = None
+        self.init_pid = 0  # a new container's init (its namespaces), once the helper said it
         self.reaped = False
         self.create_request: Optional[int] = None
         self.start_request: Optional[int] = None
@@ -90,16 +92,13 @@ class _Process:
 
 
 class CreatePlan:
-    """What the child does, all checked by the agent before forking."""
+    """What the helper is asked to do, all checked by the agent before spawning it."""
 
-    def __init__(self, request: agent_pb2.CreateProcessRequest) -> None:
+    def __init__(self, request: agent_pb2.CreateProcessRequest, contain_path: str, init_pid: int = 0) -> None:
         self.exec_id = request.exec_id
         self.args = list(request.args)
         self.rootfs = request.rootfs
         self.cwd = request.cwd or "/"
-        self.uid = request.uid
-        self.gid = request.gid
-        self.groups = sorted(set(request.additional_gids))
         self.open_stdin = request.open_stdin
         self.env: Dict[str, str] = {}
         for entry in request.env:
@@ -111,6 +110,12 @@ class CreatePlan:
             raise RequestError("exec_id is empty")
         if not self.args:
             raise RequestError(f"args of process {self.exec_id!r} are empty: args[0] names the program")
+        if request.guest_root:
+            self.rootfs = self.rootfs or "/"
+            if self.rootfs != "/":
+                raise RequestError(f"rootfs {self.rootfs!r} with guest_root: an uncontained process runs in the guest's /")
+        elif os.path.normpath(self.rootfs or "/") == "/":
+            raise RequestError(f"rootfs {self.rootfs!r} is the guest's root: a container needs its own rootfs")
         if not self.rootfs.startswith("/"):
             raise RequestError(f"rootfs {self.rootfs!r} is not an absolute guest path")
         if not os.path.isdir(self.rootfs):
@@ -118,6 +123,7 @@ class CreatePlan:
         if not self.cwd.startswith("/"):
             raise RequestError(f"cwd {self.cwd!r} is not an absolute path")
         self.executable = rootfs.find_executable(self.rootfs, self.args[0], self.env, self.cwd)
+        self.argv = containment.helper_args(contain_path, request, self.executable, init_pid)
 
 
 def exit_status_of(wait_status: int) -> int:
@@ -148,13 +154,15 @@ def _event(kind: str) -> agent_pb2.GuestMessage:
 
 
 class ProcessTable:
-    def __init__(self, mountinfo_path: str = "/proc/self/mountinfo", mount: mounts.MountFunction = mounts.mount_syscall) -> None:
+    def __init__(self, mountinfo_path: str = "/proc/self/mountinfo", mount: mounts.MountFunction = mounts.mount_syscall,
+                 contain_path: str = containment.DEFAULT_CONTAIN_PATH) -> None:
         self._procs: Dict[str, _Process] = {}
         # Children still to reap that no exec_id names any more (failed during CREATING).
         self._orphans: List[_Process] = []
         self._exited_order: Deque[str] = deque()
         self._mountinfo_path = mountinfo_path
         self._mount = mount
+        self._contain_path = contain_path
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -163,16 +171,28 @@ class ProcessTable:
         existing = self._procs.get(request.exec_id)
         if existing is not None and existing.state != EXITED:
             raise RequestError(f"exec_id {request.exec_id!r} is already in use by process {existing.pid} ({existing.state})")
-        plan = CreatePlan(request)
-        if request.rootfs_readonly:
-            mounts.make_read_only(plan.rootfs, self._mountinfo_path, self._mount)
-        if request.hostname:
-            _set_hostname(request.hostname)
-        proc = self._fork(plan)
+        plan = CreatePlan(request, self._contain_path, self._container_init(request))
+        if request.guest_root:
+            # Uncontained (host-trusted tests): the guest's own mounts and hostname.
+            if request.rootfs_readonly:
+                mounts.make_read_only(plan.rootfs, self._mountinfo_path, self._mount)
+            if request.hostname:
+                _set_hostname(request.hostname)
+        proc = self._spawn(plan)
         proc.create_request = request_id
         if existing is not None:
             self._forget(existing.exec_id)
         self._procs[plan.exec_id] = proc
+
+    def _container_init(self, request: agent_pb2.CreateProcessRequest) -> int:
+        """The init pid whose namespaces an exec joins; 0 for a new container."""
+        if not request.container_exec_id or request.guest_root:
+            return 0
+        container = self._procs.get(request.container_exec_id)
+        if container is None or container.state == EXITED or not container.init_pid:
+            state = "unknown" if container is None else self._describe(container)
+            raise RequestError(f"container {request.container_exec_id!r} to exec in is not running ({state})")
+        return container.init_pid
 
     def start(self, request_id: int, exec_id: str) -> None:
         proc = self._get(exec_id)
@@ -319,31 +339,40 @@ class ProcessTable:
             raise RequestError(f"stdin of process {exec_id!r} is closed")
         return proc
 
-    def _fork(self, plan: CreatePlan) -> _Process:
+    def _spawn(self, plan: CreatePlan) -> _Process:
         parent_fds: List[int] = []
-        child_fds: List[int] = []
+        child_fds: List[int] = []  # in the helper's order: stdin, stdout, stderr, status, start
         try:
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            parent_fds.append(status_r), child_fds.append(status_w)
-            start_r, start_w = os.pipe2(os.O_CLOEXEC)
-            child_fds.append(start_r), parent_fds.append(start_w)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            parent_fds.append(out_r), child_fds.append(out_w)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            parent_fds.append(err_r), child_fds.append(err_w)
             if plan.open_stdin:
                 in_r, in_w = os.pipe2(os.O_CLOEXEC)
                 child_fds.append(in_r), parent_fds.append(in_w)
             else:
                 in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
                 child_fds.append(in_r)
-            pid = os.fork()
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            parent_fds.append(out_r), child_fds.append(out_w)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            parent_fds.append(err_r), child_fds.append(err_w)
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            parent_fds.append(status_r), child_fds.append(status_w)
+            start_r, start_w = os.pipe2(os.O_CLOEXEC)
+            child_fds.append(start_r), parent_fds.append(start_w)
+            # Copies above the helper's fds 0-4, so no dup2 onto 0-4 clobbers one still to come.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, HELPER_FDS) for fd in child_fds]
+            child_fds.extend(high)
+            try:
+                pid = os.posix_spawn(
+                    plan.argv[0], plan.argv, plan.env,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(high)],
+                    setsid=True,  # its own session: the agent's signals stay the agent's
+                    setsigmask=(),
+                )
+            except OSError as exc:
+                raise RequestError(f"spawn {plan.argv[0]} for process {plan.exec_id!r}: {exc.strerror}") from None
         except BaseException:
             for fd in parent_fds + child_fds:
                 _close(fd)
             raise
-        if pid == 0:
-            _child_main(plan, status_w, start_r, in_r, out_w, err_w)  # never returns
         for fd in child_fds:
             _close(fd)
         proc = _Process(plan.exec_id, pid)
@@ -372,6 +401,9 @@ class ProcessTable:
                 break
             proc.status_data += chunk
         messages: List[agent_pb2.GuestMessage] = []
+        if proc.status_data.startswith(b"C") and b"\n" in proc.status_data:
+            line, _, proc.status_data = proc.status_data.partition(b"\n")
+            proc.init_pid = int(line[1:]) if line[1:].isdigit() else 0
         if proc.state == CREATING and proc.status_data.startswith(b"R"):
             proc.status_data = proc.status_data[1:]
             proc.state = CREATED
@@ -388,6 +420,9 @@ class ProcessTable:
                 except RequestError as exc:
                     if request_id is not None:
                         messages.append(response_message(request_id, f"start_process: {exc}"))
+        if proc.status_data.startswith(b"C") and b"\n" in proc.status_data:  # said after "R"
+            line, _, proc.status_data = proc.status_data.partition(b"\n")
+            proc.init_pid = int(line[1:]) if line[1:].isdigit() else 0
         if not eof:
             return messages
         _close(proc.status_fd)
@@ -566,76 +601,3 @@ def _set_hostname(hostname: str) -> None:
         socket.sethostname(hostname)
     except OSError as exc:
         raise RequestError(f"sethostname {hostname!r}: {exc.strerror}") from exc
-
-
-# --- the child, between fork and exec --------------------------------------------------------------
-
-
-def _move_above_stdio(fds: Iterable[int]) -> List[int]:
-    """Copies of `fds` numbered 3 or more, so dup2 onto 0-2 cannot clobber one before it is used."""
-    return [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in fds]
-
-
-def _close_all_but(keep: Iterable[int]) -> None:
-    """Other processes' pipes must not live on in this child while it waits for its start: a
-    copy of another process's stdin write end would keep that process from ever seeing EOF."""
-    low = 0
-    for fd in sorted(set(keep)) + [os.sysconf("SC_OPEN_MAX")]:
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
-
-
-def _child_main(plan: CreatePlan, status_w: int, start_r: int, stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
-    """Runs in the forked child and never returns: set up, say "R", wait for "S", exec."""
-    step = "setting up"
-    code = 127
-    try:
-        step = "setsid"
-        os.setsid()  # its own session and process group: the agent's signals stay the agent's
-        step = "resetting signals"
-        # Python ignores these; an exec'd program expects the defaults (a shell pipeline relies
-        # on SIGPIPE). Handled signals (SIGIO, SIGCHLD) are reset by execve itself.
-        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        step = "setting up stdio"
-        status_w, start_r, stdin_fd, stdout_fd, stderr_fd = _move_above_stdio(
-            (status_w, start_r, stdin_fd, stdout_fd, stderr_fd)
-        )
-        for target, fd in ((0, stdin_fd), (1, stdout_fd), (2, stderr_fd)):
-            os.dup2(fd, target)  # dup2's copy is inheritable: it survives the exec
-        _close_all_but((0, 1, 2, status_w, start_r))
-        if plan.rootfs != "/":
-            # chroot("/") would change nothing; skipping it lets host-side tests run without
-            # CAP_SYS_CHROOT.
-            step = f"chroot {plan.rootfs}"
-            os.chroot(plan.rootfs)
-        step = f"chdir {plan.cwd} in rootfs {plan.rootfs}"
-        os.chdir(plan.cwd)
-        # Only what differs is changed: the same ids need no privilege (host-side tests).
-        if sorted(set(os.getgroups())) != plan.groups:
-            step = f"setgroups {plan.groups}"
-            os.setgroups(plan.groups)
-        if os.getresgid() != (plan.gid,) * 3:
-            step = f"setgid {plan.gid}"
-            os.setresgid(plan.gid, plan.gid, plan.gid)
-        if os.getresuid() != (plan.uid,) * 3:
-            step = f"setuid {plan.uid}"
-            os.setresuid(plan.uid, plan.uid, plan.uid)
-        os.write(status_w, b"R")
-        step = "waiting for StartProcess"
-        if os.read(start_r, 1) != b"S":
-            os._exit(1)  # the agent went away without starting us
-        step = f"exec {plan.executable} in rootfs {plan.rootfs}"
-        os.execve(plan.executable, plan.args, plan.env)
-    except OSError as exc:
-        # 126: found but not runnable, 127: not found (what a shell reports).
-        code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
-        why = f"{step}: {exc.strerror or exc}"
-    except BaseException as exc:  # anything at all: the child must never return into the agent
-        why = f"{step}: {type(exc).__name__}: {exc}"
-    try:
-        os.write(status_w, b"E" + why.encode("utf-8", "replace")[:MAX_CHILD_ERROR_BYTES])
-    finally:
-        os._exit(code)

@@ -1,7 +1,10 @@
 """OCI bundle config.json: loading, the checks this runtime needs, sizing, and `spec`.
 
 Only the parts a VM sandbox uses are read; everything is validated up front so
-that create fails with one line naming the problem, before any VM exists.
+that create fails with one line naming the problem, before any VM exists. What
+the guest cannot honour is refused by name (or, where ignoring it changes no
+guarantee a container relies on, listed in BundleSpec.warnings by name): never
+silently dropped.
 """
 from __future__ import annotations
 
@@ -23,6 +26,71 @@ class SpecError(KataRuntimeError):
     """The bundle or its config.json cannot be used."""
 
 
+CAPABILITY_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
+# Capabilities that would let a container leave its namespaces inside the guest (mount the
+# host's share again, ptrace its init, load modules, raw device access), or reach past them
+# through the guest kernel.
+REFUSED_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_PTRACE", "CAP_BPF")
+RLIMIT_NAMES = ("RLIMIT_CPU RLIMIT_FSIZE RLIMIT_DATA RLIMIT_STACK RLIMIT_CORE RLIMIT_RSS RLIMIT_NPROC RLIMIT_NOFILE "
+                "RLIMIT_MEMLOCK RLIMIT_AS RLIMIT_LOCKS RLIMIT_SIGPENDING RLIMIT_MSGQUEUE RLIMIT_NICE RLIMIT_RTPRIO "
+                "RLIMIT_RTTIME").split()
+# What the guest mounts in every container itself (guest/contain/contain.c); the same mount in
+# config.json is that one.
+GUEST_DEFAULT_MOUNTS = {"/proc": "proc", "/dev": "tmpfs", "/dev/pts": "devpts", "/dev/shm": "tmpfs",
+                        "/dev/mqueue": "mqueue", "/sys": "sysfs"}
+GUEST_MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue")
+# Namespaces the guest makes for every container; "network" is the VM's own.
+CONTAINER_NAMESPACES = ("pid", "mount", "ipc", "uts", "network")
+# config.json fields the guest does not implement, refused when set (non-empty).
+REFUSED_FIELDS = {
+    "hooks": "hooks would run on the host",
+    "process.apparmorProfile": "AppArmor is not available in the guest",
+    "process.selinuxLabel": "SELinux is not available in the guest",
+    "linux.seccomp": "seccomp filters are not implemented in the guest",
+    "linux.devices": "device nodes beyond the default set are not implemented",
+    "linux.sysctl": "sysctls are not implemented in the guest",
+    "linux.mountLabel": "SELinux is not available in the guest",
+    "linux.uidMappings": "user namespaces are not implemented",
+    "linux.gidMappings": "user namespaces are not implemented",
+    "linux.intelRdt": "Intel RDT is not available in the guest",
+    "linux.personality": "personality is not implemented",
+    "linux.timeOffsets": "time namespaces are not implemented",
+    "process.user.umask": "umask is not implemented",
+    "solaris": "not a Linux container",
+    "windows": "not a Linux container",
+    "vm": "this runtime chooses its own VM",
+}
+# Set but without effect on what the container can reach: warned about by name.
+WARNED_FIELDS = {
+    "process.consoleSize": "no terminal",
+    "process.oomScoreAdj": "not applied in the guest",
+    "process.scheduler": "not applied in the guest",
+    "process.ioPriority": "not applied in the guest",
+    "process.user.username": "ignored (uid and gid are used)",
+    "linux.cgroupsPath": "the VM is the container's resource boundary",
+    "linux.rootfsPropagation": "container mounts are always private",
+    "domainname": "not applied in the guest",
+}
+
+
+def _field(raw: dict[str, Any], dotted: str) -> Any:
+    value: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def unsupported_fields(raw: dict[str, Any], where: str) -> list[str]:
+    """Raises SpecError for the first refused field that is set; returns warnings for the rest."""
+    for dotted, why in REFUSED_FIELDS.items():
+        if _field(raw, dotted) not in (None, "", [], {}):
+            raise SpecError(f"{where}: {dotted} is not supported ({why}); remove it from config.json")
+    return [f"{where}: {dotted} is ignored ({why})" for dotted, why in WARNED_FIELDS.items()
+            if _field(raw, dotted) not in (None, "", [], {})]
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
     args: list[str]
@@ -32,6 +100,10 @@ class ProcessSpec:
     gid: int
     additional_gids: list[int]
     terminal: bool = False
+    # OCI sets by name; None: the guest's default set.
+    capabilities: dict[str, list[str]] | None = None
+    rlimits: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)  # (type, soft, hard)
+    no_new_privileges: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -48,6 +120,11 @@ class BundleSpec:
     annotations: dict[str, str]
     vcpus: int  # 0: not asked
     memory_mib: int  # 0: not asked
+    # OCI mounts for the guest to make: bind sources are paths inside the rootfs.
+    mounts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    readonly_paths: list[str] = dataclasses.field(default_factory=list)
+    masked_paths: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def parse_process(raw: Any, where: str) -> ProcessSpec:
@@ -68,9 +145,126 @@ def parse_process(raw: Any, where: str) -> ProcessSpec:
     for name, value in (("uid", uid), ("gid", gid)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise SpecError(f"{where}: process.user.{name} must be a non-negative integer, got {value!r}")
+    if not isinstance(gids, list) or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gids):
+        raise SpecError(f"{where}: process.user.additionalGids must be a list of non-negative integers, got {gids!r}")
     if raw.get("terminal"):
         raise SpecError(f"{where}: process.terminal is true, but this runtime relays plain stdio only; set it to false")
-    return ProcessSpec(list(args), list(env), cwd, uid, gid, list(gids))
+    no_new_privileges = raw.get("noNewPrivileges", False)
+    if not isinstance(no_new_privileges, bool):
+        raise SpecError(f"{where}: process.noNewPrivileges must be true or false, got {no_new_privileges!r}")
+    return ProcessSpec(list(args), list(env), cwd, uid, gid, list(gids),
+                       capabilities=_capabilities(raw.get("capabilities"), where),
+                       rlimits=_rlimits(raw.get("rlimits"), where), no_new_privileges=no_new_privileges)
+
+
+def _capabilities(raw: Any, where: str) -> dict[str, list[str]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: process.capabilities must be an object of capability sets, got {raw!r}")
+    sets: dict[str, list[str]] = {}
+    for name, names in raw.items():
+        if name not in CAPABILITY_SETS:
+            raise SpecError(f"{where}: process.capabilities.{name} is not a capability set ({', '.join(CAPABILITY_SETS)})")
+        if not isinstance(names, list) or not all(isinstance(n, str) and n.startswith("CAP_") for n in names):
+            raise SpecError(f"{where}: process.capabilities.{name} must be a list of CAP_* names, got {names!r}")
+        refused = sorted(set(names) & set(REFUSED_CAPABILITIES))
+        if refused:
+            raise SpecError(f"{where}: process.capabilities.{name} asks for {', '.join(refused)}, which would let the "
+                            "container leave its namespaces inside the guest; remove it")
+        sets[name] = list(names)
+    return sets
+
+
+def _rlimits(raw: Any, where: str) -> list[tuple[str, int, int]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise SpecError(f"{where}: process.rlimits must be a list, got {raw!r}")
+    limits = []
+    for entry in raw:
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind not in RLIMIT_NAMES:
+            raise SpecError(f"{where}: process.rlimits entry {entry!r}: type must be one of RLIMIT_NOFILE, RLIMIT_NPROC, ...")
+        soft, hard = entry.get("soft"), entry.get("hard")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in (soft, hard)) or soft > hard:
+            raise SpecError(f"{where}: process.rlimits {kind}: soft {soft!r} and hard {hard!r} must be integers, soft <= hard")
+        limits.append((kind, soft, hard))
+    return limits
+
+
+def _inside(rootfs: str, host_path: str) -> str | None:
+    """The container path of `host_path` if it lies inside `rootfs` (symlinks resolved), else None."""
+    real_root, real = os.path.realpath(rootfs), os.path.realpath(host_path)
+    if real == real_root:
+        return "/"
+    if real.startswith(real_root + os.sep):
+        return "/" + os.path.relpath(real, real_root)
+    return None
+
+
+def _mounts(raw: Any, bundle: str, rootfs: str, where: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(mounts for the guest, warnings). A bind of a host path outside the rootfs is refused."""
+    if raw is None:
+        return [], []
+    if not isinstance(raw, list):
+        raise SpecError(f"{where}: mounts must be a list, got {raw!r}")
+    mounts: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    for index, mount in enumerate(raw):
+        name = f"{where}: mounts[{index}]"
+        if not isinstance(mount, dict):
+            raise SpecError(f"{name} must be an object, got {mount!r}")
+        destination, options = mount.get("destination"), mount.get("options", []) or []
+        if not isinstance(destination, str) or not destination.startswith("/"):
+            raise SpecError(f"{name}: destination must be an absolute path, got {destination!r}")
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise SpecError(f"{name} {destination}: options must be a list of strings, got {options!r}")
+        kind = mount.get("type") or ""
+        if kind in ("bind", "none", "") and ({"bind", "rbind"} & set(options) or kind == "bind"):
+            kind = "bind"
+        destination = os.path.normpath(destination)
+        if GUEST_DEFAULT_MOUNTS.get(destination) == kind:
+            continue  # the guest mounts this in every container (sysfs always read-only)
+        if kind == "cgroup":
+            warnings.append(f"{name} {destination}: cgroup mounts are not supported in the guest; skipped")
+            continue
+        if kind == "bind":
+            source = mount.get("source")
+            if not isinstance(source, str) or not source:
+                raise SpecError(f"{name} {destination}: a bind mount needs a source")
+            host_source = source if os.path.isabs(source) else os.path.join(bundle, source)
+            inside = _inside(rootfs, host_source)
+            if inside is None:
+                raise SpecError(f"{name} {destination}: bind source {host_source} is a host path outside the rootfs "
+                                f"{rootfs}; a VM sandbox does not share host paths: copy it into the rootfs or remove "
+                                "the mount")
+            mounts.append({"type": "bind", "source": inside, "destination": destination, "options": list(options)})
+        elif kind in GUEST_MOUNT_TYPES:
+            mounts.append({"type": kind, "source": str(mount.get("source") or kind), "destination": destination,
+                           "options": list(options)})
+        else:
+            raise SpecError(f"{name} {destination}: mount type {kind!r} is not supported "
+                            f"(bind inside the rootfs, {', '.join(GUEST_MOUNT_TYPES)})")
+    return mounts, warnings
+
+
+def _paths(linux: dict[str, Any], key: str, where: str) -> list[str]:
+    paths = linux.get(key, []) or []
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p.startswith("/") for p in paths):
+        raise SpecError(f"{where}: linux.{key} must be a list of absolute paths, got {paths!r}")
+    return list(paths)
+
+
+def _check_namespaces(linux: dict[str, Any], where: str) -> None:
+    for namespace in linux.get("namespaces", []) or []:
+        kind = namespace.get("type") if isinstance(namespace, dict) else None
+        if kind not in CONTAINER_NAMESPACES:
+            raise SpecError(f"{where}: linux.namespaces type {kind!r} is not supported "
+                            f"(the guest gives every container {', '.join(CONTAINER_NAMESPACES)})")
+        if namespace.get("path"):
+            raise SpecError(f"{where}: linux.namespaces {kind} path {namespace['path']!r}: joining a host namespace "
+                            "is not possible from a VM; remove the path")
 
 
 def _resources(linux: dict[str, Any], where: str) -> tuple[int, int]:
@@ -116,10 +310,18 @@ def load_bundle(bundle: str) -> BundleSpec:
     if not os.path.isdir(rootfs):
         raise SpecError(f"{where}: root.path {rootfs} is not a directory")
     process = parse_process(raw.get("process"), where)
-    vcpus, memory = _resources(raw.get("linux", {}) or {}, where)
+    linux = raw.get("linux", {}) or {}
+    if not isinstance(linux, dict):
+        raise SpecError(f"{where}: linux must be an object")
+    vcpus, memory = _resources(linux, where)
+    warnings = unsupported_fields(raw, where)
+    _check_namespaces(linux, where)
+    mounts, mount_warnings = _mounts(raw.get("mounts"), bundle, rootfs, where)
     annotations = raw.get("annotations", {}) or {}
     return BundleSpec(bundle, version, rootfs, bool(root.get("readonly", False)), str(raw.get("hostname", "")),
-                      process, {str(k): str(v) for k, v in annotations.items()}, vcpus, memory)
+                      process, {str(k): str(v) for k, v in annotations.items()}, vcpus, memory,
+                      mounts=mounts, readonly_paths=_paths(linux, "readonlyPaths", where),
+                      masked_paths=_paths(linux, "maskedPaths", where), warnings=warnings + mount_warnings)
 
 
 def find_executable(rootfs: str, process: ProcessSpec) -> str:
@@ -155,9 +357,23 @@ def default_spec() -> dict[str, Any]:
             "args": ["sh"],
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
             "cwd": "/",
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
         },
         "root": {"path": "rootfs", "readonly": True},
         "hostname": "kata",
-        "linux": {"resources": {}},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "linux": {
+            "resources": {},
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+        },
         "annotations": {},
     }

@@ -43,6 +43,8 @@ def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: s
            pid_file: str | None, debug: TextIO | None) -> int:
     store.check_id(container_id)
     spec = load_bundle(bundle)  # every bundle error before any VM exists
+    for warning in spec.warnings:  # config.json fields the guest ignores, by name
+        print(f"kata-runtime: warning: {warning}", file=sys.stderr)
     find_executable(spec.rootfs, spec.process)
     store.reserve(container_id)
     read_fd, write_fd = os.pipe()

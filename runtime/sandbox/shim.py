@@ -108,10 +108,16 @@ class Shim:
 
     async def _create_process(self, exec_id: str, process: ProcessSpec, ctx: Context | None,
                               hostname: str = "", readonly: bool = False) -> int:
+        # The container's own limits bound its execs too; an exec joins the container's namespaces.
+        spec = load_bundle(self.bundle)
+        limits = process if exec_id == self.id else spec.process
         return await self.vm.agent.create_process(
             exec_id=exec_id, args=process.args, env=process.env, cwd=process.cwd, uid=process.uid,
             gid=process.gid, additional_gids=process.additional_gids,
-            rootfs=f"{GUEST_SHARED_DIR}/{self.id}/rootfs", rootfs_readonly=readonly, hostname=hostname, ctx=ctx)
+            rootfs=f"{GUEST_SHARED_DIR}/{self.id}/rootfs", rootfs_readonly=readonly, hostname=hostname,
+            container_exec_id="" if exec_id == self.id else self.id, capabilities=limits.capabilities,
+            rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=spec.mounts,
+            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, ctx=ctx)
 
     # ---- serving ------------------------------------------------------------
 

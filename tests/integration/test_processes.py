@@ -69,12 +69,13 @@ def test_a_process_runs_in_a_busybox_rootfs_over_9p(run_root):
             with pytest.raises(AgentError, match="executable 'nonexistent' not found in rootfs"):
                 await vm.agent.create_process(**_process("bad", ["nonexistent"], rootfs))
 
-            # The chroot: / is the rootfs; the hostname was set; an exec in the same rootfs.
-            await vm.agent.create_process(**_process("e1", ["sh", "-c", "ls /; hostname; echo err >&2"], rootfs))
+            # / is the rootfs (with the guest's /dev and /sys mounted in it); the hostname is the container's.
+            await vm.agent.create_process(**_process("e1", ["sh", "-c", "ls /; hostname; echo err >&2"], rootfs,
+                                                     hostname="testbox"))
             await vm.agent.start_process("e1")
             stdout, stderr, status, _, _ = await _collect(vm, "e1")
             assert status == 0 and stderr == b"err\n"
-            assert stdout.split() == [b"bin", b"etc", b"proc", b"tmp", b"testbox"]
+            assert stdout.split() == [b"bin", b"dev", b"etc", b"proc", b"sys", b"tmp", b"testbox"]
 
             # Signals, and stdin.
             await vm.agent.create_process(**_process("s1", ["sleep", "600"], rootfs))

@@ -62,7 +62,8 @@ def agent():
 
 def _process(exec_id, args, **overrides):
     fields = dict(exec_id=exec_id, args=args, env=HOST_ENV, cwd="/", uid=os.getuid(), gid=os.getgid(),
-                  additional_gids=os.getgroups(), rootfs="/", rootfs_readonly=False, hostname="")
+                  additional_gids=os.getgroups(), rootfs="/", rootfs_readonly=False, hostname="",
+                  guest_root=True)
     fields.update(overrides)
     return fields
 

@@ -9,7 +9,6 @@ import select
 import shutil
 import signal
 import socket
-import sys
 import time
 
 import pytest
@@ -88,6 +87,9 @@ class Guest:
     def create(self, exec_id: str, args, **fields):
         fields.setdefault("env", HOST_ENV)
         fields.setdefault("rootfs", "/")
+        # Host-side tests run uncontained (no privilege for namespaces); a rootfs of its own
+        # asks for a container.
+        fields.setdefault("guest_root", fields["rootfs"] == "/")
         fields.setdefault("cwd", "/")
         fields.setdefault("uid", os.getuid())
         fields.setdefault("gid", os.getgid())
@@ -134,8 +136,8 @@ def test_output_then_exit_status(guest):
 def test_create_reports_the_pid_of_a_waiting_child(guest):
     created = guest.create("p1", ["sh", "-c", "echo started"])
     pid = created.create_process.pid
-    # Not exec'd yet: still the agent's (here: pytest's) Python.
-    assert os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(sys.executable)
+    # Not exec'd yet: still the helper, waiting for its start byte.
+    assert os.path.basename(os.path.realpath(f"/proc/{pid}/exe")) == "vmf-contain"
     time.sleep(0.2)
     guest.pump()
     assert guest.output("p1") == b""  # nothing runs before StartProcess
@@ -146,7 +148,7 @@ def test_create_reports_the_pid_of_a_waiting_child(guest):
 def test_start_may_be_pipelined_behind_create(guest):
     create = guest.send(create_process=agent_pb2.CreateProcessRequest(
         exec_id="p1", args=["echo", "early"], env=HOST_ENV, rootfs="/", cwd="/", uid=os.getuid(), gid=os.getgid(),
-        additional_gids=os.getgroups()))
+        additional_gids=os.getgroups(), guest_root=True))
     start = guest.send(start_process=agent_pb2.StartProcessRequest(exec_id="p1"))  # before create's answer
     assert guest.response(create).error == "" and guest.response(start).error == ""
     assert guest.exited("p1") == 0 and guest.output("p1") == b"early\n"
@@ -376,7 +378,7 @@ def test_output_waits_in_the_pipe_while_the_host_is_behind(tmp_path):
     try:
         ask(1, create_process=agent_pb2.CreateProcessRequest(
             exec_id="big", args=["head", "-c", str(total), "/dev/zero"], env=HOST_ENV, rootfs="/", cwd="/",
-            uid=os.getuid(), gid=os.getgid(), additional_gids=os.getgroups()))
+            uid=os.getuid(), gid=os.getgid(), additional_gids=os.getgroups(), guest_root=True))
         ask(2, start_process=agent_pb2.StartProcessRequest(exec_id="big"))
         # The host does not read for a while: the agent must stop reading the pipe, not drop.
         deadline = time.monotonic() + 3
@@ -458,18 +460,48 @@ def _can(operation) -> bool:
     return os.waitpid(pid, 0)[1] == 0
 
 
+def _unshare() -> None:
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).unshare(0x00020000 | 0x20000000 | 0x04000000 | 0x08000000) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+
+
 @pytest.mark.skipif(not os.path.exists("/bin/busybox"), reason="needs a static /bin/busybox")
-def test_chroot_into_a_busybox_rootfs(guest, tmp_path):
+def test_a_container_sees_only_its_busybox_rootfs(guest, tmp_path):
     root = tmp_path / "rootfs"
     (root / "bin").mkdir(parents=True)
     shutil.copy2("/bin/busybox", root / "bin" / "busybox")
     for applet in ("sh", "echo", "ls"):
         os.symlink("/bin/busybox", root / "bin" / applet)
     (root / "marker-only-here").write_text("")
-    if not _can(lambda: os.chroot(str(root))):
-        pytest.skip("chroot is not permitted here (no CAP_SYS_CHROOT)")
-    assert guest.run("p1", ["sh", "-c", "ls /; echo done"], rootfs=str(root), env=["PATH=/bin"]) == 0
-    assert guest.output("p1").split() == [b"bin", b"marker-only-here", b"done"]
+    if not _can(_unshare):
+        pytest.skip("namespaces are not permitted here (no CAP_SYS_ADMIN); tests/integration covers containers")
+    created = guest.create("p1", ["sh", "-c", "ls /; echo done"], rootfs=str(root), env=["PATH=/bin"])
+    if "mount -t proc" in created.error:
+        pytest.skip("this sandbox's /proc is not fully visible, so a new one cannot be mounted here")
+    assert created.error == ""
+    guest.response(guest.send(start_process=agent_pb2.StartProcessRequest(exec_id="p1")))
+    assert guest.exited("p1") == 0
+    listing = guest.output("p1").split()
+    assert b"marker-only-here" in listing and listing[-1] == b"done"
+
+
+def test_a_container_refuses_the_guest_root_as_its_rootfs(guest):
+    created = guest.create("p1", ["true"], guest_root=False)
+    assert "rootfs '/' is the guest's root: a container needs its own rootfs" in created.error
+
+
+def test_helper_errors_reach_create(guest, tmp_path):
+    # A rootfs this unprivileged test cannot contain (or pivot into): the helper's reason comes
+    # back as the CreateProcess error, and nothing is left running.
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2("/bin/true", root / "bin" / "true")
+    if _can(_unshare):
+        pytest.skip("namespaces are permitted here: the failure this test needs does not happen")
+    created = guest.create("p1", ["true"], rootfs=str(root), env=["PATH=/bin"])
+    assert "unshare the container's namespaces" in created.error
 
 
 def test_other_user_and_groups(guest):
@@ -529,19 +561,6 @@ def test_mount_errors_name_the_share(guest, tmp_path):
     request = agent_pb2.Request(id=1, mount_shared=agent_pb2.MountSharedRequest(tag="nope", mount_point=str(tmp_path / "m")))
     [message] = handler.handle_frame(request.SerializeToString())
     assert "mount -t 9p" in message.response.error and "mount_tag=nope" in message.response.error
-
-
-def test_readonly_rootfs_is_bound_read_only_once(guest, tmp_path):
-    root = str(_busybox_tree(tmp_path / "rootfs"))
-    _mountinfo(guest)
-    # Whether the child may chroot here does not matter: the mounts come first.
-    guest.create("p1", ["sh"], rootfs=root, rootfs_readonly=True, env=["PATH=/bin"])
-    assert guest.mounts == [
-        (root, root, None, mounts.MS_BIND | mounts.MS_REC, None),
-        (None, root, None, mounts.MS_BIND | mounts.MS_REMOUNT | mounts.MS_RDONLY, None),
-    ]
-    _mountinfo(guest, f"41 22 0:40 / {root} ro,relatime - 9p kataShared rw")
-    assert mounts.make_read_only(root, guest.fake.root.path("proc/self/mountinfo"), guest.mounts) is False
 
 
 def test_readonly_refuses_the_guest_root(guest):

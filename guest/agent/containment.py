@@ -1,0 +1,182 @@
+"""The vmf-contain command line for one CreateProcess: namespaces, mounts, ids, capabilities.
+
+The agent does not set a container up itself: it posix_spawn()s the static helper
+guest/contain/contain.c (no Python fork per process, and the set-up runs in C between fork and
+exec where it belongs). This module turns the request into the helper's arguments, and refuses
+what it cannot honour by name, before anything is spawned.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+from guest.agent.messages import RequestError
+from protocols.agent import agent_pb2
+
+# Where build_initramfs puts the helper (CONTAIN_PATH there).
+DEFAULT_CONTAIN_PATH = "/sbin/vmf-contain"
+
+# HOST_NAME_MAX
+MAX_HOSTNAME_BYTES = 64
+
+# <linux/capability.h>, 6.1: the bit of each capability.
+CAPABILITIES: Dict[str, int] = {
+    name: bit
+    for bit, name in enumerate(
+        "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
+        "NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO "
+        "SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME "
+        "SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG "
+        "WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE".split()
+    )
+}
+# A container without process.capabilities gets Docker's default set: what images expect to
+# work as root (chown, setuid, binding low ports), and nothing that reaches past the container
+# (no SYS_ADMIN to mount the share again, no SYS_MODULE, no SYS_RAWIO).
+DEFAULT_CAPABILITIES = (
+    "CHOWN DAC_OVERRIDE FSETID FOWNER MKNOD NET_RAW SETGID SETUID SETFCAP SETPCAP NET_BIND_SERVICE "
+    "SYS_CHROOT KILL AUDIT_WRITE"
+).split()
+
+# <asm-generic/resource.h>
+RLIMITS: Dict[str, int] = {
+    "RLIMIT_" + name: number
+    for number, name in enumerate(
+        "CPU FSIZE DATA STACK CORE RSS NPROC NOFILE MEMLOCK AS LOCKS SIGPENDING MSGQUEUE NICE RTPRIO RTTIME".split()
+    )
+}
+RLIM_INFINITY = 2**64 - 1
+
+# runc's defaults (the OCI runtime-spec's example): what in /proc reaches the guest's kernel
+# rather than the container's view of it. Applied to every container, plus its config's own.
+DEFAULT_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+DEFAULT_MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+)
+
+# <linux/mount.h>
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 16384
+MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
+# option -> (flags to set, flags to clear)
+MOUNT_FLAGS: Dict[str, Tuple[int, int]] = {
+    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
+    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
+    "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME),
+    "nodiratime": (MS_NODIRATIME, 0), "diratime": (0, MS_NODIRATIME),
+    "relatime": (MS_RELATIME, 0), "norelatime": (0, MS_RELATIME),
+    "strictatime": (MS_STRICTATIME, 0), "nostrictatime": (0, MS_STRICTATIME),
+    "bind": (MS_BIND, 0), "rbind": (MS_BIND | MS_REC, 0),
+}
+# Every container mount is private to the container: propagation options change nothing.
+PROPAGATION_OPTIONS = {"private", "rprivate", "slave", "rslave", "shared", "rshared", "unbindable", "runbindable"}
+MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "bind")
+
+
+def capability_mask(names: Sequence[str], field: str) -> int:
+    mask = 0
+    for name in names:
+        bit = CAPABILITIES.get(name[4:] if name.startswith("CAP_") else "")
+        if bit is None:
+            raise RequestError(f"capabilities.{field}: {name!r} is not a Linux capability (CAP_CHOWN, CAP_KILL, ...)")
+        mask |= 1 << bit
+    return mask
+
+
+def _capability_args(request: agent_pb2.CreateProcessRequest) -> List[str]:
+    if request.HasField("capabilities"):
+        caps = request.capabilities
+        sets = [caps.bounding, caps.effective, caps.permitted, caps.inheritable, caps.ambient]
+        names = ["bounding", "effective", "permitted", "inheritable", "ambient"]
+        masks = [capability_mask(list(s), n) for s, n in zip(sets, names)]
+    else:
+        default = capability_mask(["CAP_" + c for c in DEFAULT_CAPABILITIES], "default")
+        masks = [default, default, default, 0, 0]
+    return ["--caps", *(format(m, "x") for m in masks)]
+
+
+def _rlimit_args(rlimits: Sequence[agent_pb2.Rlimit]) -> List[str]:
+    args: List[str] = []
+    for rlimit in rlimits:
+        resource = RLIMITS.get(rlimit.type)
+        if resource is None:
+            raise RequestError(f"rlimit {rlimit.type!r} is not a Linux resource limit (RLIMIT_NOFILE, ...)")
+        if rlimit.soft > rlimit.hard:
+            raise RequestError(f"rlimit {rlimit.type}: soft limit {rlimit.soft} is above the hard limit {rlimit.hard}")
+        args += ["--rlimit", str(resource), str(rlimit.soft), str(rlimit.hard)]
+    return args
+
+
+def mount_flags(options: Sequence[str]) -> Tuple[int, str]:
+    """OCI mount options -> (mount flags, data string), as runc splits them."""
+    flags = 0
+    data: List[str] = []
+    for option in options:
+        if option in MOUNT_FLAGS:
+            set_, clear = MOUNT_FLAGS[option]
+            flags = (flags | set_) & ~clear
+        elif option in PROPAGATION_OPTIONS:
+            continue
+        else:
+            data.append(option)
+    return flags, ",".join(data)
+
+
+def _check_container_path(what: str, path: str) -> None:
+    if not path.startswith("/") or "\0" in path:
+        raise RequestError(f"{what} {path!r} is not an absolute path in the container")
+
+
+def _mount_args(request_mounts: Sequence[agent_pb2.Mount]) -> List[str]:
+    args: List[str] = []
+    for mount in request_mounts:
+        if mount.type not in MOUNT_TYPES:
+            raise RequestError(f"mount {mount.destination}: type {mount.type!r} is not supported (one of {', '.join(MOUNT_TYPES)})")
+        _check_container_path("mount destination", mount.destination)
+        flags, data = mount_flags(mount.options)
+        source = mount.source or mount.type
+        if mount.type == "bind":
+            _check_container_path(f"mount {mount.destination}: bind source (a path inside the rootfs)", mount.source)
+        else:
+            flags &= ~(MS_BIND | MS_REC)
+        if mount.type == "sysfs":
+            flags |= MS_RDONLY  # a writable sysfs reaches the guest kernel (uevent_helper, ...)
+        args += ["--mount", mount.type, source, mount.destination, str(flags), data]
+    return args
+
+
+def helper_args(contain_path: str, request: agent_pb2.CreateProcessRequest, executable: str,
+                init_pid: int = 0) -> List[str]:
+    """argv for the helper. `init_pid`: the container init to join (an exec), else 0."""
+    args = [contain_path]
+    if request.guest_root:
+        args.append("--guest-root")
+    elif init_pid:
+        args += ["--join", str(init_pid)]
+    else:
+        args += ["--rootfs", request.rootfs]
+        if len(request.hostname.encode()) > MAX_HOSTNAME_BYTES:
+            raise RequestError(f"hostname {request.hostname!r} is longer than {MAX_HOSTNAME_BYTES} bytes")
+        if request.hostname:
+            args += ["--hostname", request.hostname]
+        if request.rootfs_readonly:
+            args.append("--readonly")
+        args += _mount_args(request.mounts)
+        for path in (*DEFAULT_READONLY_PATHS, *request.readonly_paths):
+            _check_container_path("readonly path", path)
+            args += ["--ro-path", path]
+        for path in (*DEFAULT_MASKED_PATHS, *request.masked_paths):
+            _check_container_path("masked path", path)
+            args += ["--mask-path", path]
+    args += _rlimit_args(request.rlimits)
+    args += ["--user", str(request.uid), str(request.gid), ",".join(str(g) for g in sorted(set(request.additional_gids)))]
+    if not request.guest_root or request.HasField("capabilities"):
+        args += _capability_args(request)
+    if request.no_new_privileges:
+        args.append("--no-new-privs")
+    args += ["--cwd", request.cwd or "/", "--exec", executable, "--", *request.args]
+    return args

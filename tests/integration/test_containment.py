@@ -1,0 +1,272 @@
+"""Containers inside the guest, in real VMs: own namespaces, pivot_root, OCI defaults, and what a
+container cannot reach (the agent's port, the 9p share root, the guest's root).
+
+Attacks are run from inside a container; each has a control run uncontained (guest_root, what a
+guest that escaped to its root would do) that shows the same probe does find its target there,
+so a passing attack test is not a probe that could never succeed.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from factory.errors import AgentError
+from factory.vm import VM
+from tests.integration.bundles import make_bundle
+from tests.integration.vmtest import write_config
+
+SHARED_TAG = "kataShared"
+GUEST_SHARED = "/run/kata-containers/shared"
+EXTRA_APPLETS = ("head", "wc", "grep", "mknod", "mkdir", "readlink", "find", "kill", "ps", "stat", "ln", "rm")
+# The host drops this file in the share's root: only the share root, never a container's rootfs.
+SHARE_CANARY = "share-root-canary"
+RUNTIME = "runtime/kata-runtime"
+
+
+def _rootfs(vm: VM, container_id: str) -> str:
+    bundle = vm.hypervisor.run.shared_dir / container_id
+    make_bundle(str(bundle), ["true"])
+    rootfs = bundle / "rootfs"
+    for applet in EXTRA_APPLETS:
+        os.symlink("/bin/busybox", rootfs / "bin" / applet)
+    (rootfs / "container-marker").write_text("")
+    (rootfs / "data").mkdir()
+    (rootfs / "data" / "in-data").write_text("data\n")
+    (vm.hypervisor.run.shared_dir / SHARE_CANARY).write_text("")
+    return f"{GUEST_SHARED}/{container_id}/rootfs"
+
+
+def _process(exec_id: str, script: str, rootfs: str, **overrides) -> dict:
+    fields = dict(exec_id=exec_id, args=["sh", "-c", script], env=["PATH=/bin", "HOME=/"], cwd="/", uid=0, gid=0,
+                  additional_gids=[], rootfs=rootfs)
+    fields.update(overrides)
+    return fields
+
+
+async def _run(vm: VM, **process) -> tuple[str, str, int]:
+    """Creates, starts and collects one process: (stdout, stderr, exit status)."""
+    exec_id = process["exec_id"]
+    await vm.agent.create_process(**process)
+    await vm.agent.start_process(exec_id)
+    return await _collect(vm, exec_id)
+
+
+async def _collect(vm: VM, exec_id: str) -> tuple[str, str, int]:
+    out = {1: b"", 2: b""}
+    while True:
+        event = await asyncio.wait_for(vm.agent.events.get(), 120)
+        kind = event.WhichOneof("kind")
+        if kind == "process_output" and event.process_output.exec_id == exec_id:
+            out[event.process_output.stream] += event.process_output.data
+        elif kind == "process_exited" and event.process_exited.exec_id == exec_id:
+            return out[1].decode(), out[2].decode(), event.process_exited.exit_status
+
+
+async def _clone(template, run_root) -> VM:
+    vm = await VM.new(template, run_root)
+    await vm.resume()
+    await vm.agent.mount_shared(SHARED_TAG, GUEST_SHARED)
+    return vm
+
+
+def _fields(stdout: str) -> dict[str, str]:
+    """`key=value` lines of a probe script."""
+    return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+
+
+PROBES = r"""
+echo urandom=$(head -c 16 /dev/urandom | wc -c)
+echo proc1root=$(ls /proc/1/root/ | grep -c container-marker)
+echo devices=$(ls /dev | grep -cxE 'null|zero|full|random|urandom|tty|console|ptmx|pts|shm')
+echo pid1=$(cat /proc/1/comm)
+echo canary=$(find / -path /proc -prune -o -path /sys -prune -o -name share-root-canary -print 2>/dev/null | wc -l)
+echo shared=$(ls -d /run/kata-containers 2>/dev/null | wc -l)
+echo vport=$(ls /dev | grep -c vport)
+echo sysro=$(touch /sys/kernel/x 2>&1 | grep -c 'Read-only')
+echo procsysro=$(sh -c 'echo 1 > /proc/sys/kernel/sysrq' 2>&1 | grep -c 'Read-only')
+"""
+
+# Reaches for the agent's virtio port through sysfs: its device number, a node made for it in
+# each writable place, and an open of each. The agent holds the port open, so an open that gets
+# through the filesystem fails with EBUSY: "busy" means the port was reached.
+PORT_ATTACK = r"""
+dev=$(cat /sys/class/virtio-ports/vport*/dev 2>/dev/null | head -n 1)
+echo portdev=$dev
+major=${dev%%:*}; minor=${dev##*:}
+reached=0
+for dir in DIRS; do
+  if mknod $dir/vp c $major $minor 2>/dev/null; then
+    why=$( (exec 3>$dir/vp) 2>&1 )
+    case "$?:$why" in 0:*|*busy*) reached=$((reached + 1)); echo "reached=$dir $why" >&2;; esac
+    rm -f $dir/vp
+  fi
+done
+echo reached=$reached
+"""
+
+
+def test_a_container_sees_its_own_root_proc_and_default_devices_and_nothing_else(template, run_root):
+    async def body():
+        vm = await _clone(template, run_root)
+        try:
+            rootfs = _rootfs(vm, "c1")
+            stdout, stderr, status = await _run(vm, **_process("c1", PROBES, rootfs))
+            got = _fields(stdout)
+            assert status == 0, stderr
+            assert got["urandom"] == "16"
+            assert got["proc1root"] == "1"  # /proc/1/root is the container's own root
+            assert got["devices"] == "10"
+            assert got["pid1"] == "vmf-contain"  # its init, not the guest's
+            assert got["canary"] == "0" and got["shared"] == "0" and got["vport"] == "0"
+            assert got["sysro"] == "1" and got["procsysro"] == "1"
+
+            # Control: uncontained, the same probes find the share root and the guest's init.
+            stdout, stderr, status = await _run(vm, **_process("g1", PROBES, "", guest_root=True))
+            got = _fields(stdout)
+            assert got["canary"] == "1" and got["shared"] == "1" and got["pid1"] == "init"
+        finally:
+            await vm.stop()
+    asyncio.run(body())
+
+
+def test_a_container_cannot_open_the_agent_port(template, run_root):
+    async def body():
+        vm = await _clone(template, run_root)
+        try:
+            rootfs = _rootfs(vm, "c1")
+            attack = PORT_ATTACK.replace("DIRS", "/tmp /dev /dev/shm /dev/mqueue /data /")
+            stdout, stderr, status = await _run(vm, **_process("c1", attack, rootfs))
+            got = _fields(stdout)
+            assert got["portdev"], f"the probe found no virtio port in sysfs: {stdout} {stderr}"
+            assert got["reached"] == "0", stderr
+            # Control: from the guest's root, a node in its devtmpfs /dev reaches the port.
+            stdout, stderr, _ = await _run(vm, **_process("g1", PORT_ATTACK.replace("DIRS", "/dev"), "", guest_root=True))
+            assert _fields(stdout)["reached"] == "1", stderr
+        finally:
+            await vm.stop()
+    asyncio.run(body())
+
+
+def test_user_capabilities_rlimits_hostname_readonly_and_mounts_are_applied(template, run_root):
+    async def body():
+        vm = await _clone(template, run_root)
+        try:
+            rootfs = _rootfs(vm, "c1")
+            script = r"""
+echo id=$(id -u):$(id -g):$(id -G)
+echo caps=$(grep -E '^Cap(Eff|Prm|Bnd|Amb)' /proc/self/status | tr -s '\t ' ':' | tr '\n' ' ')
+echo nnp=$(grep NoNewPrivs /proc/self/status | tr -d ' \t')
+echo nofile=$(ulimit -n):$(ulimit -Hn)
+echo hostname=$(hostname)
+echo rootro=$(touch /x 2>&1 | grep -c 'Read-only')
+echo scratch=$(echo hi > /scratch/f && cat /scratch/f)
+echo bind=$(cat /mnt/data/in-data)
+echo bindro=$(touch /mnt/data/new 2>&1 | grep -c 'Read-only')
+"""
+            caps = {name: ["CAP_NET_BIND_SERVICE", "CAP_KILL"] for name in ("bounding", "permitted", "inheritable")}
+            caps.update(effective=["CAP_NET_BIND_SERVICE"], ambient=["CAP_NET_BIND_SERVICE"])
+            stdout, stderr, status = await _run(vm, **_process(
+                "c1", script, rootfs, uid=1000, gid=1001, additional_gids=[2000, 2001], hostname="cbox",
+                rootfs_readonly=True, capabilities=caps, rlimits=[("RLIMIT_NOFILE", 64, 128)], no_new_privileges=True,
+                mounts=[{"type": "tmpfs", "source": "tmpfs", "destination": "/scratch", "options": ["size=1m"]},
+                        {"type": "bind", "source": "/data", "destination": "/mnt/data", "options": ["rbind", "ro"]}]))
+            got = _fields(stdout)
+            assert status == 0, stderr
+            assert got["id"] == "1000:1001:1001 2000 2001"  # busybox id -G lists the gid first
+            # A non-root user keeps exactly its ambient set across exec; the bounding set is as asked.
+            assert "CapAmb:0000000000000400" in got["caps"] and "CapEff:0000000000000400" in got["caps"]
+            assert "CapBnd:0000000000000420" in got["caps"]
+            assert got["nnp"] == "NoNewPrivs:1"
+            assert got["nofile"] == "64:128"
+            assert got["hostname"] == "cbox"
+            assert got["rootro"] == "1" and got["scratch"] == "hi"
+            assert got["bind"] == "data" and got["bindro"] == "1"
+        finally:
+            await vm.stop()
+    asyncio.run(body())
+
+
+def test_an_exec_joins_the_container_and_signals_reach_its_process(template, run_root):
+    async def body():
+        vm = await _clone(template, run_root)
+        try:
+            rootfs = _rootfs(vm, "c1")
+            await vm.agent.create_process(**_process("c1", "echo ready; exec sleep 600", rootfs, hostname="cbox"))
+            await vm.agent.start_process("c1")
+            first = await asyncio.wait_for(vm.agent.events.get(), 120)
+            assert first.process_output.data == b"ready\n"
+
+            stdout, stderr, status = await _run(vm, **_process(
+                "e1", "hostname; ps -o comm | grep -c sleep; touch /from-exec; ls /proc/1/root/ | grep -c from-exec",
+                rootfs, container_exec_id="c1"))
+            assert (stdout.split(), status) == (["cbox", "1", "1"], 0), stderr
+            with pytest.raises(AgentError, match="container 'nope' to exec in is not running"):
+                await vm.agent.create_process(**_process("e2", "true", rootfs, container_exec_id="nope"))
+
+            # SIGTERM reaches the sleep (PID 2 under the container's init), and the status is exact.
+            await vm.agent.signal_process("c1", signal.SIGTERM)
+            assert (await _collect(vm, "c1"))[2] == 128 + signal.SIGTERM
+
+            # SIGKILL of the process the agent knows takes the whole container with it.
+            await vm.agent.create_process(**_process("c2", "sleep 600 & exec sleep 601", rootfs))
+            await vm.agent.start_process("c2")
+            await vm.agent.signal_process("c2", signal.SIGKILL)
+            assert (await _collect(vm, "c2"))[2] == 128 + signal.SIGKILL
+            stdout, _, _ = await _run(vm, **_process("g1", "ps -o args | grep -c '[s]leep 60'", "", guest_root=True))
+            assert stdout.strip() == "0"
+        finally:
+            await vm.stop()
+    asyncio.run(body())
+
+
+def test_process_latency_in_a_clone(template, run_root, capsys):
+    """CreateProcess, StartProcess, first output and exit of `echo hello`, contained and in the
+    guest's root (reported, not judged)."""
+    async def body():
+        vm = await _clone(template, run_root)
+        try:
+            rootfs = _rootfs(vm, "t")
+            for label, fields in (("contained", {"rootfs": rootfs}), ("guest root", {"rootfs": "", "guest_root": True})):
+                phases: dict[str, list[float]] = {"create": [], "start": [], "first output": [], "exit": []}
+                for index in range(5):
+                    exec_id = f"{label[0]}{index}"
+                    t0 = time.monotonic()
+                    await vm.agent.create_process(**{**_process(exec_id, "", ""), **fields, "args": ["echo", "hello"]})
+                    t1 = time.monotonic()
+                    await vm.agent.start_process(exec_id)
+                    t2 = time.monotonic()
+                    first = None
+                    while True:
+                        event = await asyncio.wait_for(vm.agent.events.get(), 120)
+                        kind = event.WhichOneof("kind")
+                        if kind == "process_output" and first is None:
+                            first = time.monotonic()
+                        if kind == "process_exited" and event.process_exited.exec_id == exec_id:
+                            break
+                    t3 = time.monotonic()
+                    for name, value in (("create", t1 - t0), ("start", t2 - t1), ("first output", first - t0), ("exit", t3 - t0)):
+                        phases[name].append(value * 1000)
+                with capsys.disabled():
+                    print(f"\necho hello, {label}, medians of 5 from CreateProcess: "
+                          + ", ".join(f"{name} {sorted(values)[2]:.1f} ms" for name, values in phases.items()))
+        finally:
+            await vm.stop()
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"mounts": [{"destination": "/secrets", "type": "bind", "source": "/etc", "options": ["rbind"]}]},
+     "mounts[0] /secrets: bind source /etc is a host path outside the rootfs"),
+    ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}}, "linux.seccomp is not supported"),
+])
+def test_kata_runtime_refuses_host_binds_and_unsupported_fields_by_name_before_any_vm(run_root, change, message):
+    bundle = make_bundle(os.path.join(run_root, "b"), ["true"], **change)
+    config = write_config(run_root, False, 0)
+    done = subprocess.run([RUNTIME, "--root", os.path.join(run_root, "state"), "--config", config,
+                           "create", "c1", "--bundle", bundle], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
