@@ -17,11 +17,10 @@ import uuid
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from hostos import mounts
 from hostos import process as host_process
 from factory.hypervisor.qemu import Qemu, QemuState
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
-from runtime.sandbox import control
+from runtime.sandbox import control, share
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore
 
 # A TCG boot takes seconds; a loaded CI machine several times that.
@@ -135,11 +134,8 @@ def _cleanup(store: StateStore, container_id: str) -> None:
     if state is not None and shim_alive(state):
         os.kill(state.shim_pid, signals.SIGKILL)
         host_process.wait_gone(state.shim_pid, state.shim_start_time, 5)
-    if state is not None and state.share_mount:
-        try:
-            mounts.unmount_lazy(state.share_mount)
-        except OSError:
-            pass
+    if state is not None:
+        share.unbind_rootfs(state.share_mount, state.share_mount_id)
     if state is not None and state.vm:
         asyncio.run(Qemu(QemuState.from_dict(state.vm)).stop())
     store.remove(container_id)
