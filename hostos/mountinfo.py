@@ -20,6 +20,7 @@ class Mount:
     root: str  # the directory of the source filesystem this mount shows
     mount_point: str
     fstype: str
+    source: str
     options: str
 
 
@@ -36,7 +37,8 @@ def mounts() -> list[Mount]:
             # Optional fields end with "-"; fstype is the one after it.
             dash = fields.index("-", 6)
             table.append(Mount(mount_id=int(fields[0]), parent_id=int(fields[1]), root=_unescape(fields[3]),
-                               mount_point=_unescape(fields[4]), fstype=fields[dash + 1], options=fields[5]))
+                               mount_point=_unescape(fields[4]), fstype=fields[dash + 1],
+                               source=_unescape(fields[dash + 2]), options=fields[5]))
     return table
 
 

@@ -26,8 +26,9 @@ def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int, 
         raise OSError(err, f"{what} failed: {os.strerror(err)} (needs root)")
 
 
-def mount_tmpfs(path: str, size_mib: int) -> None:
-    _mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mib}M,mode=0700".encode(),
+def mount_tmpfs(path: str, size_mib: int, source: str = "tmpfs") -> None:
+    """`source` names the mount in /proc/self/mountinfo: a way to tell our mounts from others'."""
+    _mount(source.encode(), path, b"tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mib}M,mode=0700".encode(),
            f"mounting a {size_mib} MiB tmpfs on {path}")
 
 

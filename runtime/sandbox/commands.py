@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from hostos import files
 from hostos import process as host_process
 from factory.hypervisor.qemu import Qemu, QemuState
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
@@ -68,7 +69,10 @@ def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: s
         _cleanup(store, container_id)
         raise ContainerError(f"creating container {container_id!r} failed: {reply['error']}")
     if pid_file:
-        Path(pid_file).write_text(f"{reply['pid']}\n")
+        try:
+            files.write_atomic(pid_file, f"{reply['pid']}\n".encode())
+        except OSError as err:
+            raise ContainerError(f"cannot write --pid-file {pid_file}: {err}") from err
     if debug:
         state = store.load(container_id)
         print(f"kata-runtime: container {container_id} created: factory path "
@@ -197,7 +201,12 @@ def list_containers(store: StateStore, out: TextIO, as_json: bool) -> int:
 
 def write_spec(bundle: str) -> int:
     path = Path(bundle) / "config.json"
-    if path.exists():
+    if os.path.lexists(path):
         raise SpecError(f"{path} already exists; remove it first")
-    path.write_text(json.dumps(default_spec(), indent=2) + "\n")
+    try:
+        files.write_atomic(str(path), (json.dumps(default_spec(), indent=2) + "\n").encode(), replace=False)
+    except FileExistsError:
+        raise SpecError(f"{path} already exists; remove it first") from None
+    except OSError as err:
+        raise SpecError(f"cannot write {path}: {err}") from err
     return 0
