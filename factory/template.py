@@ -12,13 +12,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from opentelemetry.context import Context
 
 from factory import memfile, tracing
-from hostos import mounts
+from hostos import mountinfo, mounts, safetree
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import TemplateError
@@ -33,6 +32,9 @@ from protocols.agent.framing import PROTOCOL_VERSION
 DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"
 # tmpfs room beyond guest RAM for the device state (a few hundred KB on x86).
 DEVICE_STATE_MIB = 8
+# The source name of the template tmpfs in /proc/self/mountinfo: how close() and init tell the
+# mount this project made from one a user already had at template_path (never touched).
+TEMPLATE_MOUNT_SOURCE = "kata-vmfactory-template"
 METADATA_VERSION = 1
 
 _TRACER = "kata_vmfactory.factory"
@@ -142,9 +144,22 @@ class TemplateFactory(FactoryBase):
     def _prepare_files(self) -> None:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not mounts.is_mountpoint(str(self.path)):
-            mounts.mount_tmpfs(str(self.path), self._config.hypervisor.memory_mib + DEVICE_STATE_MIB)
-        with open(self.memory_path, "wb") as f:
+            mounts.mount_tmpfs(str(self.path), self._config.hypervisor.memory_mib + DEVICE_STATE_MIB,
+                               source=TEMPLATE_MOUNT_SOURCE)
+        self._refuse_foreign_mount()
+        fd = os.open(self.memory_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.truncate(self._config.hypervisor.memory_mib * 1024 * 1024)
+
+    def _ours_mounted(self) -> bool:
+        """Whether template_path is a mount this project made (its tmpfs, by source name)."""
+        top = mountinfo.top_mount_at(os.path.abspath(self.path))
+        return top is not None and top.source == TEMPLATE_MOUNT_SOURCE
+
+    def _refuse_foreign_mount(self) -> None:
+        if mounts.is_mountpoint(str(self.path)) and not self._ours_mounted():
+            raise TemplateError(f"template_path {self.path} is already a mount point that kata-vmfactory did not "
+                                "make; choose an unused directory for template_path (it is never unmounted or emptied)")
 
     async def _boot_and_save(self, ctx: Context | None) -> None:
         hv = dataclasses.replace(self._config.hypervisor, boot_to_be_template=True, boot_from_template=False,
@@ -180,13 +195,17 @@ class TemplateFactory(FactoryBase):
     async def close(self, ctx: Context | None = None) -> None:
         """Unmounts (lazily) and removes the template; errors are logged, as upstream."""
         if mounts.is_mountpoint(str(self.path)):
+            if not self._ours_mounted():
+                log.warning("not removing template %s: it is a mount point kata-vmfactory did not make", self.path)
+                return
             try:
                 mounts.unmount_lazy(str(self.path))
             except OSError as err:
                 log.warning("failed to unmount %s: %s", self.path, err)
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self.path.exists():
-            log.warning("failed to remove %s", self.path)
+        try:
+            safetree.remove_tree(str(self.path))
+        except OSError as err:
+            log.warning("failed to remove %s: %s", self.path, err)
 
     def details(self) -> dict:
         info = {"strategy": "template", "path": str(self.path)}

@@ -98,6 +98,13 @@ def decode_grpc_vm(data):
     return _decode(p, end)
 
 
+cdef str _utf8(const uint8_t* p, Py_ssize_t length, str field):
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>p, length, NULL)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"GrpcVM field {field} is not UTF-8: {err}") from None
+
+
 cdef _decode(const uint8_t* p, Py_ssize_t end):
     cdef Py_ssize_t pos = 0, length
     cdef uint64_t key, value
@@ -121,12 +128,13 @@ cdef _decode(const uint8_t* p, Py_ssize_t end):
                 cpu_delta = <unsigned int>value
         elif wire == 2:
             length = <Py_ssize_t>_get_varint(p, end, &pos)
-            if length < 0 or pos + length > end:
+            # length > end - pos, not pos + length > end: a huge length must not overflow past the check.
+            if length < 0 or length > end - pos:
                 raise ValueError("truncated length-delimited field in GrpcVM")
             if number == 1:
-                vm_id = PyUnicode_DecodeUTF8(<const char*>(p + pos), length, NULL)
+                vm_id = _utf8(p + pos, length, "id")
             elif number == 4:
-                url = PyUnicode_DecodeUTF8(<const char*>(p + pos), length, NULL)
+                url = _utf8(p + pos, length, "proxy_url")
             elif number == 2:
                 hv = PyBytes_FromStringAndSize(<const char*>(p + pos), length)
             pos += length

@@ -86,12 +86,15 @@ def decode_grpc_vm(data: bytes) -> GrpcVMFields:
                 fields[number] = value & 0xFFFFFFFF
         elif wire == 2:
             length, pos = _read_varint(data, pos)
-            if pos + length > end:
+            if length > end - pos:
                 raise ValueError("truncated length-delimited field in GrpcVM")
             chunk = data[pos:pos + length]
             pos += length
             if number in (1, 4):
-                fields[number] = chunk.decode()
+                try:
+                    fields[number] = chunk.decode()
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"GrpcVM field {'id' if number == 1 else 'proxy_url'} is not UTF-8: {err}") from None
             elif number == 2:
                 fields[2] = bytes(chunk)
         elif wire == 1:

@@ -35,13 +35,13 @@ def build(cfg: HypervisorConfig, accel: Accelerator, run: RunDir, vm_id: str) ->
         # -display none, not -nographic: QEMU refuses -nographic with -daemonize.
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-rtc", "base=utc",
-        "-chardev", f"file,id=console0,path={run.console_log}",
+        "-chardev", f"file,id=console0,path={qemu_opt(run.console_log)}",
         "-serial", "chardev:console0",
-        "-qmp", f"unix:{run.qmp_socket},server=on,wait=off",
+        "-qmp", f"unix:{qemu_opt(run.qmp_socket)},server=on,wait=off",
         # QEMU is the server: whoever owns the VM next can connect, and a
         # guest write while nobody is connected waits instead of being lost.
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=agent0,path={run.agent_socket},server=on,wait=off",
+        "-chardev", f"socket,id=agent0,path={qemu_opt(run.agent_socket)},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME},bus=vser0.0",
         "-device", "virtio-rng-pci,id=rng0",
     ]
@@ -50,7 +50,7 @@ def build(cfg: HypervisorConfig, accel: Accelerator, run: RunDir, vm_id: str) ->
         cmd += ["-device", "vmgenid,id=vmgenid0,guid=auto"]
     if cfg.shared_fs == "virtio-9p":
         cmd += [
-            "-fsdev", f"local,id=fs0,path={run.shared_dir},security_model=none",
+            "-fsdev", f"local,id=fs0,path={qemu_opt(run.shared_dir)},security_model=none",
             "-device", f"virtio-9p-pci,id=fs0dev,fsdev=fs0,mount_tag={SHARED_FS_TAG}",
         ]
     if cfg.boot_from_template:
@@ -64,12 +64,18 @@ def build(cfg: HypervisorConfig, accel: Accelerator, run: RunDir, vm_id: str) ->
     return cmd
 
 
+def qemu_opt(value: object) -> str:
+    """A value inside a QEMU option string: a comma there would end it and start an option a path
+    chose (",share=on", ",server=..."), so it is doubled, QEMU's escape for a literal comma."""
+    return str(value).replace(",", ",,")
+
+
 def _memory_backend(cfg: HypervisorConfig) -> str:
     size = f"size={cfg.memory_mib}M"
     if cfg.boot_to_be_template:
         # share=on: the guest's RAM is written through to the template file.
-        return f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},mem-path={cfg.memory_path},share=on"
+        return f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},mem-path={qemu_opt(cfg.memory_path)},share=on"
     if cfg.boot_from_template:
         # share=off: a private copy-on-write mapping; clones share unwritten pages.
-        return f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},mem-path={cfg.memory_path},share=off"
+        return f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},mem-path={qemu_opt(cfg.memory_path)},share=off"
     return f"memory-backend-ram,id={MEMORY_BACKEND_ID},{size}"

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
+
+from factory.errors import HypervisorError
+from hostos import mounts, safetree
 
 DEFAULT_RUN_ROOT = "/run/vc/vm"
 # sockaddr_un.sun_path is 108 bytes with the terminating NUL.
@@ -50,21 +52,65 @@ class RunDir:
 
     @property
     def shared_dir(self) -> Path:
-        """Exported to the guest over 9p; container rootfs are bind-mounted below it."""
+        """Exported to the guest over 9p: a read-only bind of shared_writable_dir, so a guest (QEMU
+        writes as root) can rename or replace nothing in it; container rootfs are bind-mounted below
+        it and are the only writable parts."""
         return self.path / "shared"
+
+    @property
+    def shared_writable_dir(self) -> Path:
+        """The host's writable view of shared_dir, never exported: the host makes directories here."""
+        return self.path / "shared.rw"
+
+    @property
+    def shared_mount_record(self) -> Path:
+        """The mount ID of the read-only bind at shared_dir, so remove() unmounts exactly that."""
+        return self.path / "shared.mount"
 
     def create(self) -> None:
         longest = max(len(str(self.qmp_socket)), len(str(self.agent_socket)))
         if longest > MAX_SOCKET_PATH:
             raise ValueError(f"run directory {self.path} is too long for Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes); use a shorter run root")
         self.path.mkdir(mode=0o700, parents=True, exist_ok=False)
-        self.shared_dir.mkdir(mode=0o700)
+        mount_id = None
+        try:
+            self.shared_writable_dir.mkdir(mode=0o700)
+            self.shared_dir.mkdir(mode=0o700)
+            # Before QEMU starts: it holds the directory it opened then, not what is mounted later.
+            mount_id = mounts.bind_recorded(str(self.shared_writable_dir), str(self.shared_dir),
+                                            readonly=True, nosuid_nodev=True)
+            write_new_file(self.shared_mount_record, f"{mount_id}\n".encode())
+        except BaseException:
+            if mount_id is not None and not self.shared_mount_record.exists():
+                mounts.unmount_recorded(str(self.shared_dir), mount_id)
+            self.remove()
+            raise
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Unmounts the share (and with it whatever is still mounted below it), then removes the
+        directory without following symlinks or entering any other mount. Missing is fine."""
+        try:
+            try:
+                mount_id = int(self.shared_mount_record.read_text())
+            except FileNotFoundError:
+                mount_id = None
+            except ValueError:
+                raise OSError(f"{self.shared_mount_record} does not hold a mount ID")
+            if mount_id is not None:
+                mounts.unmount_recorded(str(self.shared_dir), mount_id)
+            safetree.remove_tree(str(self.path))
+        except OSError as err:
+            raise HypervisorError(f"cannot remove run directory {self.path}: {err}") from err
 
     def exists(self) -> bool:
         return self.path.is_dir()
+
+
+def write_new_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Creates `path` (never through a symlink, never over an existing file) and writes `data`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def tail(path: Path, lines: int = 20) -> str:

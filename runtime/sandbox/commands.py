@@ -17,11 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from hostos import mounts
+from hostos import files
 from hostos import process as host_process
 from factory.hypervisor.qemu import Qemu, QemuState
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
-from runtime.sandbox import control
+from runtime.sandbox import control, share
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore
 
 # A TCG boot takes seconds; a loaded CI machine several times that.
@@ -71,7 +71,10 @@ def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: s
         _cleanup(store, container_id)
         raise ContainerError(f"creating container {container_id!r} failed: {reply['error']}")
     if pid_file:
-        Path(pid_file).write_text(f"{reply['pid']}\n")
+        try:
+            files.write_atomic(pid_file, f"{reply['pid']}\n".encode())
+        except OSError as err:
+            raise ContainerError(f"cannot write --pid-file {pid_file}: {err}") from err
     if debug:
         state = store.load(container_id)
         print(f"kata-runtime: container {container_id} created: factory path "
@@ -137,11 +140,8 @@ def _cleanup(store: StateStore, container_id: str) -> None:
     if state is not None and shim_alive(state):
         os.kill(state.shim_pid, signals.SIGKILL)
         host_process.wait_gone(state.shim_pid, state.shim_start_time, 5)
-    if state is not None and state.share_mount:
-        try:
-            mounts.unmount_lazy(state.share_mount)
-        except OSError:
-            pass
+    if state is not None:
+        share.unbind_rootfs(state.share_mount, state.share_mount_id)
     if state is not None and state.vm:
         asyncio.run(Qemu(QemuState.from_dict(state.vm)).stop())
     store.remove(container_id)
@@ -203,7 +203,12 @@ def list_containers(store: StateStore, out: TextIO, as_json: bool) -> int:
 
 def write_spec(bundle: str) -> int:
     path = Path(bundle) / "config.json"
-    if path.exists():
+    if os.path.lexists(path):
         raise SpecError(f"{path} already exists; remove it first")
-    path.write_text(json.dumps(default_spec(), indent=2) + "\n")
+    try:
+        files.write_atomic(str(path), (json.dumps(default_spec(), indent=2) + "\n").encode(), replace=False)
+    except FileExistsError:
+        raise SpecError(f"{path} already exists; remove it first") from None
+    except OSError as err:
+        raise SpecError(f"cannot write {path}: {err}") from err
     return 0

@@ -23,13 +23,12 @@ from typing import Any, Callable
 from opentelemetry.context import Context
 
 from factory import tracing
-from hostos import mounts
 from factory.config import VMConfig
 from hostos import process as host_process
 from factory.vm import VM
 from configuration.loader import RuntimeConfig
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
-from runtime.sandbox import vm_source
+from runtime.sandbox import share, vm_source
 from runtime.sandbox.state import ContainerState, StateStore, now_rfc3339
 
 # Where the guest mounts the VM's 9p share; rootfs are below it, one per container.
@@ -87,10 +86,8 @@ class Shim:
                 await factory.close()  # a template stays for the next sandbox
         phase("get_vm")
         self.state.vm = self.vm.hypervisor.state.to_dict()
-        share = self.vm.hypervisor.run.shared_dir / self.id / "rootfs"
-        share.mkdir(parents=True)
-        mounts.bind(spec.rootfs, str(share), spec.rootfs_readonly)
-        self.state.share_mount = str(share)
+        rootfs_share = share.bind_rootfs(self.vm.hypervisor.run, self.id, spec.rootfs, spec.rootfs_readonly)
+        self.state.share_mount, self.state.share_mount_id = rootfs_share.mount_point, rootfs_share.mount_id
         self.store.save(self.state)
         await self.vm.agent.mount_shared(SHARED_FS_TAG, GUEST_SHARED_DIR, ctx=ctx)
         pid = await self._create_process(self.id, spec.process, ctx, hostname=spec.hostname,
@@ -114,7 +111,7 @@ class Shim:
         return await self.vm.agent.create_process(
             exec_id=exec_id, args=process.args, env=process.env, cwd=process.cwd, uid=process.uid,
             gid=process.gid, additional_gids=process.additional_gids,
-            rootfs=f"{GUEST_SHARED_DIR}/{self.id}/rootfs", rootfs_readonly=readonly, hostname=hostname,
+            rootfs=f"{GUEST_SHARED_DIR}/{share.guest_relative_rootfs(self.id)}", rootfs_readonly=readonly, hostname=hostname,
             container_exec_id="" if exec_id == self.id else self.id, capabilities=limits.capabilities,
             rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=spec.mounts,
             readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, ctx=ctx)
@@ -206,11 +203,7 @@ class Shim:
 
     async def teardown(self) -> None:
         """Stops the VM, removes the rootfs bind mount and the VM's run directory."""
-        if self.state.share_mount:
-            try:
-                mounts.unmount_lazy(self.state.share_mount)
-            except OSError as err:
-                log.warning("%s", err)
+        share.unbind_rootfs(self.state.share_mount, self.state.share_mount_id)
         if self.vm is not None:
             await self.vm.stop()
 

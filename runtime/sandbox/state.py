@@ -38,6 +38,7 @@ class ContainerState:
     exit_status: int | None = None
     vm: dict[str, Any] = dataclasses.field(default_factory=dict)  # QemuState of the sandbox VM
     share_mount: str = ""  # host bind mount of the rootfs inside the VM's shared dir
+    share_mount_id: int = 0  # its mount ID when the shim mounted it: teardown unmounts only that
 
     def oci(self) -> dict[str, Any]:
         return {"ociVersion": "1.0.2", "id": self.id, "status": self.status, "pid": self.pid,

@@ -11,6 +11,7 @@ import pytest
 
 from factory.errors import AgentError
 from factory.vm import VM
+from hostos import mounts
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import base_config
 
@@ -19,8 +20,12 @@ GUEST_SHARED = "/run/kata-containers/shared"
 
 
 def _rootfs(vm: VM, container_id: str) -> str:
-    """A busybox rootfs in the VM's share; returns its guest path."""
-    make_bundle(str(vm.hypervisor.run.shared_dir / container_id), ["true"])
+    """A busybox rootfs in the VM's share; returns its guest path. The export is read-only to the
+    guest but for rootfs binds, as the shim makes them; removing the run directory undoes it."""
+    run = vm.hypervisor.run
+    make_bundle(str(run.shared_writable_dir / container_id), ["true"])
+    rootfs = str(run.shared_writable_dir / container_id / "rootfs")
+    mounts.bind_recorded(rootfs, str(run.shared_dir / container_id / "rootfs"), readonly=False, nosuid_nodev=True)
     return f"{GUEST_SHARED}/{container_id}/rootfs"
 
 

@@ -1,0 +1,151 @@
+"""Attacks on the host from inside a sandbox, written as tests.
+
+Each plays an attacker, either a container process (through kata-runtime) or a guest that has
+escaped to guest root (a process the agent runs uncontained, rootfs "/"), then tears the sandbox
+down as the host would. Every test asserts that a host canary (a tmpfs mounted outside the bundle,
+and files outside the bundle) is untouched, that the bundle's rootfs is intact, and (through the
+run_root fixture) that nothing is left: no QEMU, no mount, no run directory.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from factory.vm import VM
+from hostos import mountinfo, mounts
+from runtime.sandbox import share
+from tests.integration.bundles import make_bundle
+from tests.integration.vmtest import base_config, mounts_under, short_tempdir, write_config
+
+SHARED_TAG = "kataShared"
+GUEST_SHARED = "/run/kata-containers/shared"
+RUNTIME = "runtime/kata-runtime"
+CANARY_FILES = {"secret": b"host data\n", "keep/me": b"still here\n"}
+# Enough to show a write that should be refused was refused, small enough for a test's tmpfs.
+FLOOD_MIB = 8
+
+
+class Canary:
+    """A host tmpfs with files, plus a plain file, both outside the bundle and the run root."""
+
+    def __init__(self) -> None:
+        self.dir = short_tempdir("kvf-canary-")
+        self.mount = os.path.join(self.dir, "mnt")
+        os.mkdir(self.mount)
+        mounts.mount_tmpfs(self.mount, 1)
+        self.mount_id = mountinfo.top_mount_at(self.mount).mount_id
+        for name, data in CANARY_FILES.items():
+            Path(self.mount, name).parent.mkdir(exist_ok=True)
+            Path(self.mount, name).write_bytes(data)
+        self.file = os.path.join(self.dir, "plain")
+        Path(self.file).write_bytes(b"plain host file\n")
+
+    def assert_intact(self) -> None:
+        top = mountinfo.top_mount_at(self.mount)
+        assert top is not None and top.mount_id == self.mount_id, "the host canary tmpfs was unmounted"
+        for name, data in CANARY_FILES.items():
+            assert Path(self.mount, name).read_bytes() == data
+        assert sorted(os.listdir(self.mount)) == ["keep", "secret"]
+        assert Path(self.file).read_bytes() == b"plain host file\n"
+
+    def remove(self) -> None:
+        if mountinfo.top_mount_at(self.mount) is not None:
+            mounts.unmount_lazy(self.mount)
+        subprocess.run(["rm", "-rf", "--one-file-system", self.dir], check=False)
+
+
+@pytest.fixture
+def canary():
+    c = Canary()
+    yield c
+    c.remove()
+
+
+def _rootfs_listing(rootfs: str) -> dict[str, str]:
+    """What the bundle's rootfs holds that the attacks must not destroy: the files make_bundle made."""
+    listing = {}
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            listing[os.path.relpath(path, rootfs)] = os.readlink(path) if os.path.islink(path) else ""
+    return listing
+
+
+def _assert_rootfs_intact(rootfs: str, before: dict[str, str]) -> None:
+    after = _rootfs_listing(rootfs)
+    missing = {k: v for k, v in before.items() if after.get(k) != v}
+    assert not missing, f"the bundle rootfs lost {sorted(missing)[:10]}"
+    assert os.path.getsize(os.path.join(rootfs, "bin", "busybox")) > 0
+
+
+async def _guest_root_sh(vm: VM, exec_id: str, script: str) -> tuple[bytes, int]:
+    """Runs `script` as guest root outside any container: the guest escaped."""
+    await vm.agent.create_process(exec_id=exec_id, args=["/bin/sh", "-c", script], env=["PATH=/bin"], cwd="/",
+                                  uid=0, gid=0, additional_gids=[], rootfs="/")
+    await vm.agent.start_process(exec_id)
+    output = b""
+    while True:
+        event = await asyncio.wait_for(vm.agent.events.get(), 120)
+        kind = event.WhichOneof("kind")
+        if kind == "process_output" and event.process_output.exec_id == exec_id:
+            output += event.process_output.data
+        elif kind == "process_exited" and event.process_exited.exec_id == exec_id:
+            return output, event.process_exited.exit_status
+
+
+def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canary):
+    """The issue's attack from guest root: rename the container's share directory, plant its rootfs
+    as a symlink to a host tmpfs, plant setuid files and device nodes, fill the share; then the host
+    tears down as the shim does."""
+    bundle = make_bundle(os.path.join(run_root, "b"), ["true"])
+    rootfs = os.path.join(bundle, "rootfs")
+    before = _rootfs_listing(rootfs)
+    attack = f"""
+        cd {GUEST_SHARED} || exit 90
+        bb=/bin/busybox
+        $bb mv c1 c1.moved && echo RENAMED
+        $bb mkdir c2 && echo MKDIR
+        $bb ln -s {canary.mount} c2/rootfs && echo SYMLINK
+        $bb ln -s {canary.mount} planted && echo PLANTED
+        $bb dd if=/dev/zero of=flood bs=1M count={FLOOD_MIB} 2>/dev/null && echo FLOODED
+        $bb cp /bin/busybox c1/rootfs/suid && $bb chmod 4755 c1/rootfs/suid && echo SUID
+        $bb mknod c1/rootfs/mem c 1 1 && echo MKNOD
+        $bb mv c1/rootfs c1/gone && echo MOVED_ROOTFS
+        exit 0
+    """
+
+    async def body() -> None:
+        vm = await VM.new(base_config(), run_root)
+        rootfs_share = None
+        try:
+            rootfs_share = share.bind_rootfs(vm.hypervisor.run, "c1", rootfs, readonly=False)
+            await vm.agent.mount_shared(SHARED_TAG, GUEST_SHARED)
+            output, status = await _guest_root_sh(vm, "attack", attack)
+            assert status == 0, output
+            said = output.decode().split()
+            # The export is read-only to the guest: no rename, no new names, no flood outside rootfs.
+            for refused in ("RENAMED", "MKDIR", "SYMLINK", "PLANTED", "FLOODED", "MOVED_ROOTFS"):
+                assert refused not in said, output
+            # Inside its own rootfs the guest may write, but on the host what it plants is inert.
+            options = mountinfo.by_id(rootfs_share.mount_id).options.split(",")
+            assert "nosuid" in options and "nodev" in options
+            if "MKNOD" in said:
+                with pytest.raises(PermissionError):
+                    open(os.path.join(rootfs_share.mount_point, "mem"), "rb")
+        finally:
+            # The shim's teardown: the recorded rootfs bind, then the VM and its run directory.
+            if rootfs_share is not None:
+                share.unbind_rootfs(rootfs_share.mount_point, rootfs_share.mount_id)
+            await vm.stop()
+
+    asyncio.run(body())
+    canary.assert_intact()
+    _assert_rootfs_intact(rootfs, before)
+    assert not mounts_under(run_root)
