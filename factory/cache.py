@@ -139,7 +139,7 @@ class CacheFactory(FactoryBase):
         vm, refill = await self.take(ctx)
         refill()
         # Out of the pool: the caller's now, as whatever it acts as.
-        ownership.write(vm.hypervisor.run.path, ownership.current())
+        vm.hypervisor.record_owner(ownership.current())
         return vm
 
     async def take(self, ctx: Context | None = None) -> tuple[VM, Callable[[], None]]:

@@ -194,5 +194,5 @@ class VM:
             await qemu.disconnect()
             raise
         # Ours now: the giver may exit (or be killed) without taking it along.
-        ownership.write(qemu.run.path, ownership.current())
+        qemu.record_owner(ownership.current())
         return vm

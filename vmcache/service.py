@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import empty_pb2
 from opentelemetry import propagate
 
-from factory import ownership, tracing
+from factory import tracing
 from factory.cache import CacheFactory
 from factory.factory import Factory
 from factory.grpccache import OWNER_PID_KEY, OWNER_START_TIME_KEY
@@ -81,7 +81,7 @@ class CacheService:
                 await vm.disconnect()
                 claimant = _claimant(context)
                 if claimant is not None:
-                    ownership.write(vm.hypervisor.run.path, claimant)
+                    vm.hypervisor.record_owner(claimant)
                 reply = grpc_vm_bytes(vm)
             except BaseException:
                 refill()

@@ -138,6 +138,10 @@ class Qemu:
     def is_alive(self) -> bool:
         return process.is_alive(self.state.pid, self.state.pid_start_time)
 
+    def record_owner(self, owner: ownership.Owner) -> None:
+        """Puts `owner` on record as this VM's owner (on hand-over), replacing the previous one atomically."""
+        ownership.write(self.run.path, owner)
+
     async def disconnect(self) -> None:
         """Releases the QMP socket so another process can take the VM."""
         if self._qmp is not None:
