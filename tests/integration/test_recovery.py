@@ -25,6 +25,7 @@ from factory.ownership import Owner, OwnerKind
 from factory.template import TemplateFactory
 from factory.vm import VM
 from hostos import process
+from runtime.config import loader
 from tests.integration.vmcache_server import Server
 from tests.integration.vmtest import base_config, mounts_under, write_config
 
@@ -269,4 +270,37 @@ def test_gc_reaps_a_dead_owners_vm_and_keeps_a_live_ones(run_root):
             await orphan.stop()
 
     asyncio.run(body())
+    _assert_nothing_left(run_root)
+
+
+def test_server_shares_a_matching_template_and_replaces_a_stale_one(run_root):
+    """A sandbox made the template while the server was down (the runtime's fallback): the server uses it."""
+    config = write_config(run_root, template=True, cache=1)
+    template_path = os.path.join(run_root, "template")
+    metadata = Path(template_path, "metadata.json")
+    vm_root = os.path.join(run_root, "vm")
+
+    vm_config = loader.load(config).vm_config.valid()  # as the runtime reads it
+
+    def make_template() -> None:
+        asyncio.run(TemplateFactory.open_or_create(vm_config, template_path, vm_root))
+
+    make_template()
+    made = metadata.stat().st_mtime_ns
+    server = Server(run_root, config)
+    try:
+        server.wait_ready(1)
+        assert metadata.stat().st_mtime_ns == made, server.output()
+    finally:
+        server.stop()
+
+    make_template()
+    stale = json.loads(metadata.read_text()) | {"kernel_params": "made for another configuration"}
+    metadata.write_text(json.dumps(stale))
+    server = Server(run_root, config)
+    try:
+        server.wait_ready(1)
+        assert json.loads(metadata.read_text())["kernel_params"] != stale["kernel_params"], server.output()
+    finally:
+        server.stop()
     _assert_nothing_left(run_root)
