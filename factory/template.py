@@ -85,12 +85,15 @@ def expected_metadata(config: VMConfig) -> dict:
     }
 
 
+def _lock_path(template_path: str) -> str:
+    return str(Path(template_path)) + LOCK_SUFFIX
+
+
 @contextlib.asynccontextmanager
 async def creation_lock(path: str) -> AsyncIterator[None]:
     """Serializes making, replacing and destroying the template in `path`, across processes."""
-    lock_path = str(Path(path)) + LOCK_SUFFIX
     try:
-        async with locks.exclusive_async(lock_path, CREATE_LOCK_TIMEOUT_S):
+        async with locks.exclusive_async(_lock_path(path), CREATE_LOCK_TIMEOUT_S):
             yield
     except locks.LockTimeoutError as err:
         raise TemplateError(f"waiting for the VM template in {path}: {err}") from err
@@ -265,10 +268,16 @@ class TemplateFactory(FactoryBase):
         """
         async with creation_lock(path):
             template = cls(config, path)
-            if not template.path.exists():
-                return False
-            await template.close()
-            return True
+            existed = template.path.exists()
+            if existed:
+                await template.close()
+            # Nothing left behind, not even the lock file: a waiter that
+            # opened it will notice it is unlinked and take a new one.
+            try:
+                os.unlink(_lock_path(path))
+            except FileNotFoundError:
+                pass
+            return existed
 
     def details(self) -> dict:
         info = {"strategy": "template", "path": str(self.path)}

@@ -43,16 +43,45 @@ def _timeout(path: str, timeout_s: float) -> LockTimeoutError:
                             "if no other factory or server is working, remove that file")
 
 
+def _still_linked(fd: int, path: str) -> bool:
+    """True when `fd` is still the file at `path`: a holder may unlink the lock file
+    (destroy cleans up after itself), and a lock on the unlinked file guards nothing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _acquire_once(path: str) -> int | None:
+    """The locked fd of `path`, or None while another process holds it."""
+    while True:
+        fd = _open(path)
+        try:
+            if not _try_lock(fd):
+                os.close(fd)
+                return None
+            if _still_linked(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # locked a file its holder removed: take the new one
+
+
 @contextlib.contextmanager
 def exclusive(path: str, timeout_s: float) -> Iterator[None]:
-    """Holds an exclusive flock on `path` (created if missing), waiting at most `timeout_s`."""
-    fd = _open(path)
+    """Holds an exclusive flock on `path` (created if missing), waiting at most `timeout_s`.
+
+    The holder may unlink `path` before leaving; later lockers then use a new file.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (fd := _acquire_once(path)) is None:
+        if time.monotonic() >= deadline:
+            raise _timeout(path, timeout_s)
+        time.sleep(POLL_S)
     try:
-        deadline = time.monotonic() + timeout_s
-        while not _try_lock(fd):
-            if time.monotonic() >= deadline:
-                raise _timeout(path, timeout_s)
-            time.sleep(POLL_S)
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -61,13 +90,12 @@ def exclusive(path: str, timeout_s: float) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def exclusive_async(path: str, timeout_s: float) -> AsyncIterator[None]:
     """exclusive() for event-loop code: the wait does not block the loop."""
-    fd = _open(path)
+    deadline = time.monotonic() + timeout_s
+    while (fd := _acquire_once(path)) is None:
+        if time.monotonic() >= deadline:
+            raise _timeout(path, timeout_s)
+        await asyncio.sleep(POLL_S)
     try:
-        deadline = time.monotonic() + timeout_s
-        while not _try_lock(fd):
-            if time.monotonic() >= deadline:
-                raise _timeout(path, timeout_s)
-            await asyncio.sleep(POLL_S)
         yield
     finally:
         os.close(fd)

@@ -118,6 +118,7 @@ def test_server_killed_with_a_full_pool_comes_back_full_and_destroy_needs_no_ser
     assert "removed the stale VMCache socket" in destroyed.stdout
     _assert_nothing_left(run_root)
     assert not os.path.exists(os.path.join(run_root, "template"))
+    assert not os.path.exists(os.path.join(run_root, "template.lock"))
 
     third = Server(run_root, config)  # and the factory starts from scratch
     try:

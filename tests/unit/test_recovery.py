@@ -155,6 +155,19 @@ def test_lock_has_one_holder_and_a_crash_releases_it(run_root):
             pass
 
 
+def test_a_lock_file_its_holder_removed_is_never_locked_again(run_root):
+    path = os.path.join(run_root, "template.lock")
+    with locks.exclusive(path, WAIT_S):
+        opened_before_removal = os.open(path, os.O_RDWR)  # a waiter's fd on the old file
+        os.unlink(path)
+    try:
+        assert not locks._still_linked(opened_before_removal, path)
+        with locks.exclusive(path, WAIT_S):
+            assert os.path.exists(path)  # a new file, locked
+    finally:
+        os.close(opened_before_removal)
+
+
 def test_template_lock_timeout_is_a_template_error(run_root, monkeypatch):
     template = os.path.join(run_root, "template")
 
