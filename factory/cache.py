@@ -14,10 +14,11 @@ from typing import Callable
 
 from opentelemetry.context import Context
 
-from factory import tracing
+from factory import ownership, tracing
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import FactoryError
+from factory.ownership import OwnerKind
 from factory.vm import VM
 
 # Retry a failing base after 1 s, doubling to at most 30 s: a broken config
@@ -68,6 +69,7 @@ class CacheFactory(FactoryBase):
         return self.base.config()
 
     async def _worker(self, slot: _Slot) -> None:
+        ownership.act_as(OwnerKind.POOL)  # this task's own context: only its VMs
         delay = RETRY_INITIAL_S
         while not self._closed:
             started = time.monotonic()
@@ -136,6 +138,8 @@ class CacheFactory(FactoryBase):
     async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:
         vm, refill = await self.take(ctx)
         refill()
+        # Out of the pool: the caller's now, as whatever it acts as.
+        vm.hypervisor.record_owner(ownership.current())
         return vm
 
     async def take(self, ctx: Context | None = None) -> tuple[VM, Callable[[], None]]:

@@ -123,7 +123,10 @@ async def new_factory(config: FactoryConfig, fetch_only: bool = False, ctx: Cont
             if fetch_only:
                 base = TemplateFactory.fetch(vm_config, config.template_path, config.run_root)
             else:
-                base = await TemplateFactory.create(vm_config, config.template_path, config.run_root, span_ctx)
+                # A template that is there and fits is everyone's: the VMCache
+                # server after a restart, sandboxes while it is down.
+                base = await TemplateFactory.open_or_create(vm_config, config.template_path, config.run_root,
+                                                            span_ctx)
         else:
             base = DirectFactory(vm_config, config.run_root)
         if config.cache > 0:

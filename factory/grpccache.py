@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 from opentelemetry import propagate
 from opentelemetry.context import Context
 
-from factory import tracing
+from factory import ownership, tracing
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import ConfigError, FactoryError
@@ -27,6 +27,12 @@ CONFIG_TIMEOUT_S = 5.0
 # The server may still be booting VMs (seconds under TCG) when asked.
 GET_BASE_VM_TIMEOUT_S = 150.0
 
+# GetBaseVM metadata naming the caller (pid, start time), so the server records
+# it as the VM's owner before the reply leaves: a server killed after that
+# leaves no VM in limbo between the two.
+OWNER_PID_KEY = "kata-owner-pid"
+OWNER_START_TIME_KEY = "kata-owner-start-time"
+
 _TRACER = "kata_vmfactory.factory"
 
 
@@ -34,6 +40,11 @@ def _metadata(ctx: Context | None) -> tuple[tuple[str, str], ...]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=ctx)
     return tuple(carrier.items())
+
+
+def _claim_metadata() -> tuple[tuple[str, str], ...]:
+    me = ownership.this_process(ownership.OwnerKind.DIRECT)
+    return ((OWNER_PID_KEY, str(me.pid)), (OWNER_START_TIME_KEY, str(me.start_time)))
 
 
 class GrpcCacheFactory(FactoryBase):
@@ -72,7 +83,7 @@ class GrpcCacheFactory(FactoryBase):
         with tracing.span(_TRACER, "grpccache.GetBaseVM", ctx, subsystem="factory", endpoint=self.endpoint) as span_ctx:
             try:
                 fields = await self._get_base_vm(empty_pb2.Empty(), timeout=GET_BASE_VM_TIMEOUT_S,
-                                                 metadata=_metadata(span_ctx))
+                                                 metadata=_metadata(span_ctx) + _claim_metadata())
             except grpc.aio.AioRpcError as err:
                 raise FactoryError(f"failed to GetBaseVM from {self.endpoint}: {err.details() or err.code().name}") from err
             try:

@@ -7,17 +7,21 @@ fetch refuses a template whose metadata differs from the current config
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
+from typing import AsyncIterator
 
 from opentelemetry.context import Context
 
-from factory import memfile, tracing
-from hostos import mountinfo, mounts, safetree
+from factory import memfile, ownership, reaper, tracing
+from factory.ownership import OwnerKind
+from hostos import locks, mountinfo, mounts, safetree
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import TemplateError
@@ -36,6 +40,14 @@ DEVICE_STATE_MIB = 8
 # mount this project made from one a user already had at template_path (never touched).
 TEMPLATE_MOUNT_SOURCE = "kata-vmfactory-template"
 METADATA_VERSION = 1
+# Beside the template, not in it: the template directory is a tmpfs that is
+# unmounted and removed, and a lock must outlive both.
+LOCK_SUFFIX = ".lock"
+# A waiter gives up after this: one creation under TCG on a loaded 2-core
+# host takes tens of seconds; several minutes means the holder is stuck.
+CREATE_LOCK_TIMEOUT_S = 300.0
+# What a template directory may hold, complete or not (a leftover is removed only if this is all).
+_TEMPLATE_FILES = {"memory", "state", "metadata.json", "metadata.tmp"}
 
 _TRACER = "kata_vmfactory.factory"
 log = logging.getLogger(__name__)
@@ -75,6 +87,20 @@ def expected_metadata(config: VMConfig) -> dict:
     }
 
 
+def _lock_path(template_path: str) -> str:
+    return str(Path(template_path)) + LOCK_SUFFIX
+
+
+@contextlib.asynccontextmanager
+async def creation_lock(path: str) -> AsyncIterator[None]:
+    """Serializes making, replacing and destroying the template in `path`, across processes."""
+    try:
+        async with locks.exclusive_async(_lock_path(path), CREATE_LOCK_TIMEOUT_S):
+            yield
+    except locks.LockTimeoutError as err:
+        raise TemplateError(f"waiting for the VM template in {path}: {err}") from err
+
+
 class TemplateFactory(FactoryBase):
     def __init__(self, config: VMConfig, path: str, run_root: str = DEFAULT_RUN_ROOT,
                  created: bool = False) -> None:
@@ -104,11 +130,40 @@ class TemplateFactory(FactoryBase):
     @classmethod
     async def create(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
                      run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None) -> "TemplateFactory":
-        self = cls(config, path, run_root, created=True)
-        with tracing.span(_TRACER, "template.New", ctx, subsystem="factory", path=path) as span_ctx:
-            if self.exists():
+        """A new template; refuses to replace one that exists (see open_or_create)."""
+        async with creation_lock(path):
+            if cls(config, path, run_root).exists():
                 raise TemplateError(f"There is already a VM template in {path}; "
                                     "remove it with `kata-runtime factory destroy` first")
+            return await cls._create_locked(config, path, run_root, ctx)
+
+    @classmethod
+    async def open_or_create(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
+                             run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None) -> "TemplateFactory":
+        """The template in `path` if it matches `config`, else a new one in its place.
+
+        One creator at a time: the others wait for the lock and then find the
+        template made. What a crashed creator left (a half-written tmpfs, its
+        boot VM) is cleared first; a template for another config is replaced.
+        """
+        async with creation_lock(path):
+            try:
+                return cls.fetch(config, path, run_root)
+            except TemplateError as err:
+                leftover = cls(config, path, run_root)
+                if leftover.path.exists():
+                    log.warning("replacing the VM template in %s: %s", path, err)
+            return await cls._create_locked(config, path, run_root, ctx)
+
+    @classmethod
+    async def _create_locked(cls, config: VMConfig, path: str, run_root: str,
+                             ctx: Context | None) -> "TemplateFactory":
+        self = cls(config, path, run_root, created=True)
+        with tracing.span(_TRACER, "template.New", ctx, subsystem="factory", path=path) as span_ctx:
+            # A creator killed mid-way left its boot VM writing into the memory
+            # file; the lock says it is dead, so stop that VM before reusing anything.
+            await asyncio.to_thread(reaper.reap, run_root, (OwnerKind.TEMPLATE,))
+            await self._clear_leftover()
             try:
                 self._prepare_files()
                 await self._boot_and_save(span_ctx)
@@ -138,6 +193,18 @@ class TemplateFactory(FactoryBase):
                                 + "; ".join(differences))
         return self
 
+    async def _clear_leftover(self) -> None:
+        """Removes a partial or stale template; never a directory holding anything else."""
+        try:
+            names = set(os.listdir(self.path))
+        except FileNotFoundError:
+            return
+        foreign = names - _TEMPLATE_FILES
+        if foreign:
+            raise TemplateError(f"{self.path} holds files that are not a VM template's ({', '.join(sorted(foreign))}); "
+                                "set factory.template_path to a directory of its own")
+        await self.close()
+
     def exists(self) -> bool:
         return self.memory_path.is_file() and self.state_path.is_file()
 
@@ -164,7 +231,8 @@ class TemplateFactory(FactoryBase):
     async def _boot_and_save(self, ctx: Context | None) -> None:
         hv = dataclasses.replace(self._config.hypervisor, boot_to_be_template=True, boot_from_template=False,
                                  memory_path=str(self.memory_path), devices_state_path=str(self.state_path))
-        vm = await VM.new(dataclasses.replace(self._config, hypervisor=hv), self.run_root, ctx)
+        with ownership.acting_as(OwnerKind.TEMPLATE):
+            vm = await VM.new(dataclasses.replace(self._config, hypervisor=hv), self.run_root, ctx)
         try:
             # The guest agent sees the host leave before the snapshot, so every
             # clone starts from "no host connected" and accepts its new owner.
@@ -178,7 +246,10 @@ class TemplateFactory(FactoryBase):
         self.punch_report = memfile.punch_zero_pages(str(self.memory_path))
         log.info("template %s: %d pages scanned, %d zero pages freed (%.1f MiB)", self.path,
                  self.punch_report.pages_scanned, self.punch_report.zero_pages_freed, self.punch_report.mib_saved)
-        self.metadata_path.write_text(json.dumps(expected_metadata(self._config), indent=1, sort_keys=True))
+        # Last and atomic: metadata present means the template is complete.
+        tmp = self.metadata_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(expected_metadata(self._config), indent=1, sort_keys=True))
+        tmp.replace(self.metadata_path)
 
     # ---- clones -------------------------------------------------------------
 
@@ -206,6 +277,26 @@ class TemplateFactory(FactoryBase):
             safetree.remove_tree(str(self.path))
         except OSError as err:
             log.warning("failed to remove %s: %s", self.path, err)
+
+    @classmethod
+    async def destroy(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH) -> bool:
+        """Removes the template in `path` (unmounting its tmpfs) once no one is creating it.
+
+        No fetch: it would refuse a template made for another config, which is
+        exactly one worth destroying. True when there was something to remove.
+        """
+        async with creation_lock(path):
+            template = cls(config, path)
+            existed = template.path.exists()
+            if existed:
+                await template.close()
+            # Nothing left behind, not even the lock file: a waiter that
+            # opened it will notice it is unlinked and take a new one.
+            try:
+                os.unlink(_lock_path(path))
+            except FileNotFoundError:
+                pass
+            return existed
 
     def details(self) -> dict:
         info = {"strategy": "template", "path": str(self.path)}

@@ -13,7 +13,7 @@ import uuid
 
 from opentelemetry.context import Context
 
-from factory import tracing
+from factory import ownership, tracing
 from factory.agent.client import AgentClient
 from factory.config import VMConfig
 from factory.errors import AgentError, AgentTimeoutError, BootError
@@ -193,4 +193,6 @@ class VM:
         except AgentError:
             await qemu.disconnect()
             raise
+        # Ours now: the giver may exit (or be killed) without taking it along.
+        qemu.record_owner(ownership.current())
         return vm

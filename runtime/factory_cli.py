@@ -1,4 +1,4 @@
-"""kata-runtime factory init|status|destroy, with upstream's output lines."""
+"""kata-runtime factory init|status|destroy|gc, with upstream's output lines."""
 from __future__ import annotations
 
 import asyncio
@@ -10,11 +10,14 @@ from typing import Sequence, TextIO
 import grpc
 from google.protobuf import empty_pb2
 
+from factory import reaper
 from factory.errors import FactoryError, TemplateError
+from factory.ownership import OwnerKind
 from factory.template import TemplateFactory
 from protocols.cache import cache_pb2, cache_pb2_grpc
 from configuration import loader
 from configuration.loader import RuntimeConfig
+from hostos import sockets
 from runtime import programs
 
 # How long destroy waits for the server to stop its VMs and remove its socket.
@@ -27,7 +30,8 @@ manage vm factory
 
 commands:
   init      initialize a VM factory based on kata-runtime configuration
-  destroy   destroy the VM factory
+  destroy   destroy the VM factory (also with no server alive: orphaned pool VMs, template, stale socket)
+  gc        stop and remove VMs whose owner (VMCache server, shim, template builder) is dead
   status    query the status of VM factory (--json: as JSON, with template metadata and pool errors)"""
 
 
@@ -43,7 +47,8 @@ def init(config: RuntimeConfig, out: TextIO) -> int:
         argv = [server] if config.path == loader.EMBEDDED else [server, "--config", config.path]
         os.execv(server, argv)
     if config.enable_template:
-        asyncio.run(TemplateFactory.create(config.vm_config, config.template_path, config.vm_run_root))
+        # Idempotent: a template that is there and fits is kept.
+        asyncio.run(TemplateFactory.open_or_create(config.vm_config, config.template_path, config.vm_run_root))
         print("vm factory initialized", file=out)
         return 0
     print("vm factory or VMCache is not enabled", file=out)
@@ -51,30 +56,55 @@ def init(config: RuntimeConfig, out: TextIO) -> int:
 
 
 def destroy(config: RuntimeConfig, out: TextIO) -> int:
+    """Works whether or not the server is alive: what a killed server left is cleaned up too."""
     if config.vm_cache_number > 0:
         endpoint = config.vm_cache_endpoint
-        if not os.path.exists(endpoint):
-            raise FactoryError(f'failed to connect "{endpoint}": no VMCache server socket there')
-        channel, stub = _stub(endpoint)
-        with channel:
-            try:
-                stub.Quit(empty_pb2.Empty(), timeout=RPC_TIMEOUT_S)
-            except grpc.RpcError as err:
-                raise FactoryError(f"failed to call gRPC Quit: {err.details() or err.code().name}") from err
-        # Upstream sleeps a second; waiting for the socket to go means the
-        # server has stopped its VMs and removed its template too.
-        deadline = time.monotonic() + DESTROY_WAIT_S
-        while os.path.exists(endpoint) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if os.path.exists(endpoint):
-            raise FactoryError(f"VMCache server at {endpoint} did not stop within {DESTROY_WAIT_S:.0f} s")
-    elif config.enable_template:
-        # No fetch (it would refuse a template made for another config, which
-        # is exactly one worth destroying).
-        if os.path.exists(config.template_path):
-            asyncio.run(TemplateFactory(config.vm_config, config.template_path).close())
+        if _server_listening(endpoint):
+            _quit_server(endpoint)
+        elif sockets.remove_stale(endpoint):
+            print(f"removed the stale VMCache socket {endpoint} (no server listens on it)", file=out)
+    # A server killed with SIGKILL stopped nothing: its pool and template
+    # boot VMs are orphans now (owner dead), never a live owner's VMs.
+    for reaped in reaper.reap(config.vm_run_root, (OwnerKind.POOL, OwnerKind.TEMPLATE)):
+        print(reaped.describe(), file=out)
+    if config.enable_template:
+        asyncio.run(TemplateFactory.destroy(config.vm_config, config.template_path))
     print("vm factory destroyed", file=out)
     return 0
+
+
+def gc(config: RuntimeConfig, out: TextIO) -> int:
+    """Reaps every VM whose owner (pool, shim, template builder, process) is dead."""
+    if config.vm_cache_number > 0 and sockets.remove_stale(config.vm_cache_endpoint):
+        print(f"removed the stale VMCache socket {config.vm_cache_endpoint}", file=out)
+    reaped = reaper.reap(config.vm_run_root)
+    for r in reaped:
+        print(r.describe(), file=out)
+    print(f"{len(reaped)} orphaned VM(s) reaped in {config.vm_run_root}", file=out)
+    return 0
+
+
+def _server_listening(endpoint: str) -> bool:
+    try:
+        return sockets.is_listening(endpoint)
+    except OSError as err:
+        raise FactoryError(f"cannot tell whether a VMCache server listens on {endpoint}: {err}") from err
+
+
+def _quit_server(endpoint: str) -> None:
+    channel, stub = _stub(endpoint)
+    with channel:
+        try:
+            stub.Quit(empty_pb2.Empty(), timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise FactoryError(f"failed to call gRPC Quit: {err.details() or err.code().name}") from err
+    # Upstream sleeps a second; waiting for the socket to go means the
+    # server has stopped its VMs and removed its template too.
+    deadline = time.monotonic() + DESTROY_WAIT_S
+    while os.path.exists(endpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.exists(endpoint):
+        raise FactoryError(f"VMCache server at {endpoint} did not stop within {DESTROY_WAIT_S:.0f} s")
 
 
 def status(config: RuntimeConfig, out: TextIO, as_json: bool = False) -> int:
@@ -128,6 +158,8 @@ def run(config: RuntimeConfig, args: Sequence[str], out: TextIO, as_json: bool) 
         return init(config, out)
     if command == "destroy":
         return destroy(config, out)
+    if command == "gc":
+        return gc(config, out)
     if command == "status":
         return status(config, out, as_json)
-    raise FactoryError(f"unknown factory command {command!r}; one of init, destroy, status")
+    raise FactoryError(f"unknown factory command {command!r}; one of init, destroy, gc, status")

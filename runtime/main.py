@@ -19,9 +19,10 @@ Commands (OCI lifecycle, as runc):
   list [--format table|json]           list containers
 
 Other commands:
-  factory init|status|destroy
+  factory init|status|destroy|gc
             manage the VM factory: init creates the template or runs the
             VMCache server (in the foreground); status [--json]; destroy
+            (works with the server dead too); gc reaps VMs of dead owners
   check     check that this host can run factory VMs (QEMU, migration capability,
             kernel, initramfs, accelerator, tmpfs, run root)
   env       show the guest kernel, initramfs, QEMU and the accelerator chosen (and why)

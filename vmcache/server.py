@@ -15,7 +15,7 @@ from typing import TextIO
 
 import grpc
 
-from factory import tracing
+from factory import reaper, tracing
 from factory.errors import ConfigError
 from factory.factory import new_factory
 from configuration.loader import RuntimeConfig
@@ -36,6 +36,10 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
         tracing.setup(config.tracing.exporter, "kata-vmcache", config.tracing.otlp_endpoint)
     path = config.vm_cache_endpoint
     endpoint.claim(path)
+    # A predecessor killed without cleaning up left its pool (and perhaps a
+    # template boot) running: those owners are dead, so stop their VMs now.
+    for reaped in await asyncio.to_thread(reaper.reap, config.vm_run_root):
+        print(f"vmcache: {reaped.describe()}", file=progress, flush=True)
     started = time.monotonic()
     ready = 0
 

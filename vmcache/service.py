@@ -18,6 +18,8 @@ from opentelemetry import propagate
 from factory import tracing
 from factory.cache import CacheFactory
 from factory.factory import Factory
+from factory.grpccache import OWNER_PID_KEY, OWNER_START_TIME_KEY
+from factory.ownership import Owner, OwnerKind
 from factory.vm import VM
 from native import vmstate
 from protocols.cache import cache_pb2
@@ -38,6 +40,16 @@ def grpc_vm_bytes(vm: VM) -> bytes:
 def _trace_context(context: grpc.aio.ServicerContext):
     # The client's span travels as W3C traceparent metadata.
     return propagate.extract({k: v for k, v in context.invocation_metadata() or ()})
+
+
+def _claimant(context: grpc.aio.ServicerContext) -> Owner | None:
+    """The live caller a GetBaseVM names as the VM's next owner, if it names one."""
+    metadata = dict(context.invocation_metadata() or ())
+    try:
+        owner = Owner(OwnerKind.DIRECT, int(metadata[OWNER_PID_KEY]), int(metadata[OWNER_START_TIME_KEY]))
+    except (KeyError, ValueError):
+        return None  # an upstream client: the VM stays on the server's record
+    return owner if owner.is_alive() else None
 
 
 class CacheService:
@@ -67,6 +79,9 @@ class CacheService:
                 # The receiver connects to QMP and the agent next: a QMP socket
                 # serves one client, so let go of both first.
                 await vm.disconnect()
+                claimant = _claimant(context)
+                if claimant is not None:
+                    vm.hypervisor.record_owner(claimant)
                 reply = grpc_vm_bytes(vm)
             except BaseException:
                 refill()

@@ -17,7 +17,7 @@ from typing import Any
 
 from opentelemetry.context import Context
 
-from factory import tracing
+from factory import ownership, tracing
 from factory.config import HypervisorConfig
 from factory.errors import BootError, HypervisorError, HypervisorTimeoutError
 from factory.hypervisor import accelerator, cmdline
@@ -86,6 +86,9 @@ class Qemu:
             run.create()
             vm: Qemu | None = None
             try:
+                # Before QEMU exists: whoever finds this directory later can
+                # tell whether its owner is still there to stop it.
+                ownership.write(run.path, ownership.current())
                 pid, started = await _daemonize(cmdline.build(cfg, accel, run, vm_id), run)
                 state = QemuState(
                     id=vm_id, run_root=str(run_root), pid=pid, pid_start_time=started,
@@ -134,6 +137,10 @@ class Qemu:
 
     def is_alive(self) -> bool:
         return process.is_alive(self.state.pid, self.state.pid_start_time)
+
+    def record_owner(self, owner: ownership.Owner) -> None:
+        """Puts `owner` on record as this VM's owner (on hand-over), replacing the previous one atomically."""
+        ownership.write(self.run.path, owner)
 
     async def disconnect(self) -> None:
         """Releases the QMP socket so another process can take the VM."""

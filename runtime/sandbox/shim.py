@@ -22,8 +22,10 @@ from typing import Any, Callable
 
 from opentelemetry.context import Context
 
-from factory import tracing
+from factory import ownership, tracing
+from hostos import mounts
 from factory.config import VMConfig
+from factory.ownership import OwnerKind
 from hostos import process as host_process
 from factory.vm import VM
 from configuration.loader import RuntimeConfig
@@ -75,6 +77,8 @@ class Shim:
         spec = load_bundle(self.bundle)
         self.state.annotations = dict(spec.annotations)
         self.store.save(self.state)
+        # The VM is this shim's from its first moment: if the shim dies, gc reaps it.
+        ownership.act_as(OwnerKind.CONTAINER, self.id)
         factory, path, warnings = await vm_source.open_factory(self.config, ctx)
         for warning in warnings:
             log.warning("%s", warning)

@@ -33,7 +33,9 @@ async def open_factory(config: RuntimeConfig, ctx: Context | None = None) -> tup
         except FactoryError as err:
             if not TemplateFactory(local.vm_config, local.template_path).exists():
                 try:
-                    # The first sandbox makes the template (as Kata 1.x does).
+                    # The first sandbox makes the template (as Kata 1.x does),
+                    # under the template's lock: if the server or another
+                    # sandbox is making it, this waits and then shares theirs.
                     factory = await new_factory(local, fetch_only=False, ctx=ctx)
                     return factory, "template (created)", warnings
                 except FactoryError as create_err:

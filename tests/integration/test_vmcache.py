@@ -4,12 +4,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import stat
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,56 +18,14 @@ from factory.grpccache import GrpcCacheFactory
 from hostos import process
 from factory.hypervisor.qemu import Qemu, QemuState
 from native import vmstate
-from protocols.cache import cache_pb2, cache_pb2_grpc
+from tests.integration.vmcache_server import SERVER, Server
 from tests.integration.vmtest import TEST_MEMORY_MIB, write_config
 
-SERVER = "vmcache/server"
 RUNTIME = "runtime/kata-runtime"
 
 
 def _write_config(root: str, template: bool = True, cache: int = 2) -> str:
     return write_config(root, template, cache)
-
-
-class Server:
-    def __init__(self, root: str, config: str) -> None:
-        self.socket = os.path.join(root, "cache.sock")
-        self.log = open(os.path.join(root, "server.log"), "w+")
-        self.proc = subprocess.Popen([SERVER, "--config", config], stdout=self.log, stderr=subprocess.STDOUT)
-
-    def stub(self):
-        channel = grpc.insecure_channel(f"unix://{self.socket}")
-        return channel, cache_pb2_grpc.CacheServiceStub(channel)
-
-    def wait_ready(self, vms: int, timeout: float = 120) -> cache_pb2.GrpcStatus:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.output()}"
-            if os.path.exists(self.socket):
-                channel, stub = self.stub()
-                with channel:
-                    try:
-                        status = stub.Status(empty_pb2.Empty(), timeout=2)
-                        if len(status.vmstatus) >= vms:
-                            return status
-                    except grpc.RpcError:
-                        pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready with {vms} VMs: {self.output()}")
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def _runtime(config: str, *args: str) -> subprocess.CompletedProcess:
@@ -160,10 +115,6 @@ def test_a_killed_servers_stale_socket_is_replaced(run_root):
     first.proc.wait()
     first.log.close()
     assert os.path.exists(first.socket)  # stale: nobody listens
-    # The dead server's cached VM outlives it (VMs belong to no process); an
-    # operator would stop it; so does this test, so only the new server's count.
-    for state_file in Path(run_root, "vm").glob("*/hypervisor.json"):
-        asyncio.run(Qemu(QemuState.from_dict(json.loads(state_file.read_text()))).stop())
 
     second = Server(run_root, config)
     try:

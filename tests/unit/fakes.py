@@ -26,9 +26,13 @@ class FakeQemu:
         self.paused = False
         self.stopped = False
         self.calls: list[str] = []
+        self.owners: list = []  # every owner put on record, in order
 
     def is_alive(self) -> bool:
         return self.alive and not self.stopped
+
+    def record_owner(self, owner) -> None:
+        self.owners.append(owner)
 
     async def pause(self, ctx=None):
         self.calls.append("pause")

@@ -15,6 +15,7 @@ from factory.config import HypervisorConfig, VMConfig
 from factory.direct import DirectFactory
 from factory.errors import ConfigError, FactoryError
 from factory.factory import Factory, FactoryConfig, check_vm_config, new_factory
+from factory.ownership import OwnerKind
 
 
 def test_sizes_and_template_fields_do_not_make_configs_incompatible():
@@ -139,6 +140,7 @@ def test_cache_keeps_n_ready_and_refills_after_a_hand_out():
         handed = {vm.id, other.id}
         assert all(v.hypervisor.stopped for v in base.built if v.id not in handed)
         assert not vm.hypervisor.stopped  # a handed-out VM belongs to its taker
+        assert [o.kind for o in vm.hypervisor.owners] == [OwnerKind.DIRECT]  # and says so on record
     asyncio.run(body())
 
 
