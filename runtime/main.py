@@ -45,6 +45,7 @@ flags.DEFINE_string("pid_file", None, "create: write the container process's pid
 flags.DEFINE_bool("force", False, "delete: also a running container")
 flags.DEFINE_enum("format", "table", ["table", "json"], "list: output format")
 flags.DEFINE_integer("status_fd", -1, "internal: the shim's status pipe")
+flags.DEFINE_integer("lock_fd", -1, "internal: the container's lock, held by the shim until create is over")
 FLAGS = flags.FLAGS
 
 
@@ -162,7 +163,7 @@ def _shim(args: Sequence[str]) -> int:
     root_logger.handlers[:] = [handler]
     root_logger.setLevel(std_logging.INFO)
     logging.use_python_logging()
-    return asyncio.run(run_shim(store, config, container_id, bundle, FLAGS.status_fd))
+    return asyncio.run(run_shim(store, config, container_id, bundle, FLAGS.status_fd, FLAGS.lock_fd))
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -209,7 +210,11 @@ def run() -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     # Flags may follow the command and its ID, as in runc (`run ID --bundle DIR`).
-    return FLAGS(_underscored(argv), known_only=False)
+    rest = FLAGS(_underscored(argv), known_only=False)
+    # The shim runs in "/": a relative root must name the directory the user meant, from where
+    # they ran the command (under `bazel run`, BUILD_WORKING_DIRECTORY).
+    FLAGS.root = os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY") or os.getcwd(), FLAGS.root)
+    return rest
 
 
 def _underscored(argv: list[str]) -> list[str]:
