@@ -13,6 +13,7 @@ Commands (OCI lifecycle, as runc):
   start ID                             start its process
   state ID                             print its OCI state as JSON
   kill ID [SIGNAL]                     signal its process (default SIGTERM)
+  wait ID                              wait for its process to exit; exit with its code
   delete [--force] ID                  stop its VM and remove it
   run ID --bundle DIR                  create, start, wait; exit with the process's code
   exec ID -- CMD [ARGS...]             run another process in a running container
@@ -127,6 +128,8 @@ def _lifecycle(command: str):
             return c.start(store, _one_id(args, command))
         if command == "state":
             return c.state_json(store, _one_id(args, command), sys.stdout)
+        if command == "wait":
+            return c.wait(store, _one_id(args, command))
         if command == "kill":
             return c.kill(store, _one_id(args, command, 1), *args[1:2])
         if command == "delete":
@@ -181,6 +184,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "env": _env,
     "factory": _factory,
     "version": _version,
+    "wait": _lifecycle("wait"),
 }
 
 
