@@ -185,11 +185,12 @@ class Shim:
         qemu = self.vm.hypervisor.state
         gone = await asyncio.to_thread(host_process.wait_gone, qemu.pid, qemu.pid_start_time, QEMU_EXIT_GRACE_S)
         reason = f"its VM exited ({why})" if gone else f"its VM stopped answering ({why})"
-        log.error("container %s stopped: %s", self.id, reason)
-        self.state.status = "stopped"
-        self.state.reason = reason
-        self.store.save(self.state)
-        self.exited.set()
+        log.error("container %s: %s", self.id, reason)
+        if self.state.status != "stopped":  # else its process had exited already: that status stands
+            self.state.status = "stopped"
+            self.state.reason = reason
+            self.store.save(self.state)
+            self.exited.set()
         for waiter in self.exec_exits.values():
             if not waiter.done():
                 waiter.set_exception(ContainerError(f"container {self.id} stopped: {reason}"))
@@ -232,7 +233,7 @@ class Shim:
         elif op == "wait":
             await send({"ok": True})
             await self.exited.wait()
-            if self.state.reason:
+            if self.state.exit_status is None:
                 raise ContainerError(f"container {self.id} stopped: {self.state.reason}")
             await send({"exit_status": self.state.exit_status})
         elif op == "exec":
