@@ -136,7 +136,8 @@ def request(socket_path: str, message: dict[str, Any], fds: list[int] = (),
     try:
         if fds:
             sent = socket.send_fds(sock, [frame], list(fds))
-            sock.sendall(frame[sent:])
+            if sent < len(frame):  # never an empty send: the shim may have answered and closed
+                sock.sendall(frame[sent:])
         else:
             sock.sendall(frame)
     except OSError as err:
