@@ -13,6 +13,7 @@ Commands (OCI lifecycle, as runc):
   start ID                             start its process
   state ID                             print its OCI state as JSON
   kill ID [SIGNAL]                     signal its process (default SIGTERM)
+  wait ID                              wait for its process to exit; exit with its code
   delete [--force] ID                  stop its VM and remove it
   run ID --bundle DIR                  create, start, wait; exit with the process's code
   exec ID -- CMD [ARGS...]             run another process in a running container
@@ -46,6 +47,7 @@ flags.DEFINE_string("pid_file", None, "create: write the container process's pid
 flags.DEFINE_bool("force", False, "delete: also a running container")
 flags.DEFINE_enum("format", "table", ["table", "json"], "list: output format")
 flags.DEFINE_integer("status_fd", -1, "internal: the shim's status pipe")
+flags.DEFINE_integer("lock_fd", -1, "internal: the container's lock, held by the shim until create is over")
 FLAGS = flags.FLAGS
 
 
@@ -129,6 +131,8 @@ def _lifecycle(command: str):
             return c.start(store, _one_id(args, command))
         if command == "state":
             return c.state_json(store, _one_id(args, command), sys.stdout)
+        if command == "wait":
+            return c.wait(store, _one_id(args, command))
         if command == "kill":
             return c.kill(store, _one_id(args, command, 1), *args[1:2])
         if command == "delete":
@@ -165,7 +169,7 @@ def _shim(args: Sequence[str]) -> int:
     root_logger.handlers[:] = [handler]
     root_logger.setLevel(std_logging.INFO)
     logging.use_python_logging()
-    return asyncio.run(run_shim(store, config, container_id, bundle, FLAGS.status_fd))
+    return asyncio.run(run_shim(store, config, container_id, bundle, FLAGS.status_fd, FLAGS.lock_fd))
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -183,6 +187,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "env": _env,
     "factory": _factory,
     "version": _version,
+    "wait": _lifecycle("wait"),
 }
 
 
@@ -217,7 +222,11 @@ def run() -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     # Flags may follow the command and its ID, as in runc (`run ID --bundle DIR`).
-    return FLAGS(_underscored(argv), known_only=False)
+    rest = FLAGS(_underscored(argv), known_only=False)
+    # The shim runs in "/": a relative root must name the directory the user meant, from where
+    # they ran the command (under `bazel run`, BUILD_WORKING_DIRECTORY).
+    FLAGS.root = os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY") or os.getcwd(), FLAGS.root)
+    return rest
 
 
 def _underscored(argv: list[str]) -> list[str]:

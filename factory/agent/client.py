@@ -22,8 +22,14 @@ from protocols.agent import agent_pb2, framing
 # ~100 ms); 30 s means the guest is gone or wedged.
 REQUEST_TIMEOUT_S = 30.0
 CONNECT_RETRY_S = 0.005
-# Events nobody reads must not grow without bound in a long-lived process.
-MAX_QUEUED_EVENTS = 1024
+# Events waiting for their reader. Process output and exits wait for room (the read loop stops
+# reading the socket, QEMU stops taking the guest's writes, the agent stops reading the process's
+# pipes, the process blocks): nothing is dropped and memory stays bounded. 256 output chunks of at
+# most 64 KiB keep at most 16 MiB here while the reader catches up.
+MAX_QUEUED_EVENTS = 256
+# Informational events (agent started, CPUs onlined) that nobody reads are dropped once the queue
+# is full, so a VM whose owner never reads events (a cached VM) cannot block its own replies.
+_PROCESS_EVENTS = frozenset({"process_output", "process_exited"})
 
 _TRACER = "kata_vmfactory.agent"
 _log = logging.getLogger(__name__)
@@ -39,6 +45,8 @@ class AgentClient:
         self._ids = itertools.count(1)
         self._closed_error: Exception | None = None
         self.events: asyncio.Queue = asyncio.Queue(MAX_QUEUED_EVENTS)
+        # Put on `events` after the last event of a lost connection (see next_event).
+        self._end_of_events: asyncio.Task | None = None
 
     @property
     def connected(self) -> bool:
@@ -60,8 +68,22 @@ class AgentClient:
                                             f"after {timeout_s:.1f} s: {err}; is QEMU running with "
                                             f"-chardev socket,path={self.socket_path},server=on?") from err
                 await asyncio.sleep(CONNECT_RETRY_S)
+        self._forget_lost_connection()
         self._closed_error = None
         self._read_task = asyncio.ensure_future(self._read_loop())
+
+    def _forget_lost_connection(self) -> None:
+        """A new connection's events must not end at the previous connection's loss."""
+        if self._end_of_events is not None:
+            self._end_of_events.cancel()
+            self._end_of_events = None
+        kept = []
+        while not self.events.empty():
+            event = self.events.get_nowait()
+            if not isinstance(event, _ConnectionLost):
+                kept.append(event)
+        for event in kept:
+            self.events.put_nowait(event)
 
     async def _read_loop(self) -> None:
         decoder = framing.FrameDecoder()
@@ -75,7 +97,7 @@ class AgentClient:
                     if isinstance(item, framing.OversizedFrame):
                         error = AgentError(f"guest agent sent a bad frame: {item.describe()}")
                         continue
-                    self._dispatch(item)
+                    await self._dispatch(item)
         except (OSError, asyncio.IncompleteReadError) as err:
             error = AgentError(f"agent socket {self.socket_path} failed: {err}")
         finally:
@@ -84,8 +106,10 @@ class AgentClient:
                 if not future.done():
                     future.set_exception(error)
             self._pending.clear()
+            # After the events already queued, whenever their reader makes room.
+            self._end_of_events = asyncio.ensure_future(self.events.put(_ConnectionLost(error)))
 
-    def _dispatch(self, payload: bytes) -> None:
+    async def _dispatch(self, payload: bytes) -> None:
         message = agent_pb2.GuestMessage()
         try:
             message.ParseFromString(payload)
@@ -93,9 +117,10 @@ class AgentClient:
             return  # garbage from the guest: nothing to match it to
         kind = message.WhichOneof("kind")
         if kind == "event":
-            if self.events.full():
-                self.events.get_nowait()  # keep the newest
-            self.events.put_nowait(message.event)
+            if message.event.WhichOneof("kind") in _PROCESS_EVENTS:
+                await self.events.put(message.event)  # backpressure: see MAX_QUEUED_EVENTS
+            elif not self.events.full():
+                self.events.put_nowait(message.event)
             return
         if kind == "response":
             future = self._pending.pop(message.response.id, None)
@@ -162,7 +187,16 @@ class AgentClient:
         return reply.data
 
     # ---- processes -----------------------------------------------------------
-    # Output and exits arrive as ProcessOutput / ProcessExited events on `events`.
+    # Output and exits arrive as ProcessOutput / ProcessExited events: read them with next_event.
+
+    async def next_event(self) -> agent_pb2.Event:
+        """The next guest event, in the order sent; AgentError once the connection is gone and
+        every event that came before the loss has been returned."""
+        event = await self.events.get()
+        if isinstance(event, _ConnectionLost):
+            self.events.put_nowait(event)  # every later call fails the same way
+            raise event.error
+        return event
 
     async def mount_shared(self, tag: str, mount_point: str, timeout_s: float = REQUEST_TIMEOUT_S,
                            ctx: Context | None = None) -> None:
@@ -243,3 +277,14 @@ class AgentClient:
             self._read_task.cancel()
             await asyncio.gather(self._read_task, return_exceptions=True)
             self._read_task = None
+        if self._end_of_events is not None:
+            self._end_of_events.cancel()
+            await asyncio.gather(self._end_of_events, return_exceptions=True)
+            self._end_of_events = None
+
+
+class _ConnectionLost:
+    """Queued after the last event of a lost connection."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error

@@ -39,7 +39,10 @@ RECHECK_MAX_S = 1.0
 # One read per poll wake-up; a request is at most a few KiB today.
 READ_CHUNK_BYTES = 64 * 1024
 # Events waiting for a host: bounded so a VM nobody talks to cannot grow the agent without limit.
+# Only informational events are dropped over it; process output and exits are bounded by the
+# backlog below (output waits in the pipes) and are never dropped.
 MAX_QUEUED_EVENTS = 1024
+_PROCESS_EVENTS = frozenset({"process_output", "process_exited"})
 # Above either, process output is left in its pipes until the host catches up (well below the
 # limit above, so output and exit events are never the ones dropped).
 OUTPUT_BACKLOG_EVENTS = MAX_QUEUED_EVENTS // 4
@@ -53,11 +56,12 @@ class PortError(Exception):
 
 
 class _Outgoing:
-    __slots__ = ("frame", "is_response", "offset")
+    __slots__ = ("frame", "is_response", "droppable", "offset")
 
-    def __init__(self, frame: bytes, is_response: bool) -> None:
+    def __init__(self, frame: bytes, is_response: bool, droppable: bool = False) -> None:
         self.frame = frame
         self.is_response = is_response
+        self.droppable = droppable
         self.offset = 0
 
 
@@ -102,7 +106,8 @@ class AgentService:
     def enqueue(self, messages: Iterable[agent_pb2.GuestMessage]) -> None:
         for message in messages:
             is_response = message.WhichOneof("kind") == "response"
-            self._out.append(_Outgoing(encode_frame(message.SerializeToString()), is_response))
+            droppable = not is_response and message.event.WhichOneof("kind") not in _PROCESS_EVENTS
+            self._out.append(_Outgoing(encode_frame(message.SerializeToString()), is_response, droppable))
             if not is_response:
                 self._queued_events += 1
         if self._queued_events > MAX_QUEUED_EVENTS:
@@ -270,13 +275,13 @@ class AgentService:
     def _drop_oldest_events(self, count: int) -> None:
         kept: Deque[_Outgoing] = deque()
         for index, item in enumerate(self._out):
-            if count and not item.is_response and not (index == 0 and item.offset):
+            if count and item.droppable and not (index == 0 and item.offset):
                 count -= 1
                 self._queued_events -= 1
                 continue
             kept.append(item)
         self._out = kept
-        log(f"event queue full ({MAX_QUEUED_EVENTS}): dropped the oldest events")
+        log(f"event queue full ({MAX_QUEUED_EVENTS}): dropped the oldest informational events")
 
     def _drain_wakeups(self) -> None:
         try:

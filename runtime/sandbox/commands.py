@@ -7,7 +7,7 @@ saved state when it is gone.
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import json
 import os
 import signal as signals
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import Iterator, Sequence, TextIO
 
 from hostos import files
 from hostos import process as host_process
@@ -36,7 +36,24 @@ def current_state(store: StateStore, container_id: str) -> ContainerState:
     state = store.load(container_id)
     if state.status != "stopped" and state.status != "creating" and not shim_alive(state):
         state.status = "stopped"  # the shim (and so the container) is gone
+        state.reason = state.reason or f"its shim (pid {state.shim_pid}) exited"
     return state
+
+
+@contextlib.contextmanager
+def _locked(store: StateStore, container_id: str) -> Iterator[int]:
+    """The container's lock for one command (the fd, to share it with the shim). A container
+    that does not exist when the command is done leaves no lock file."""
+    store.check_id(container_id)
+    fd = store.lock(container_id)
+    try:
+        yield fd
+    finally:
+        try:
+            if not store.dir(container_id).exists():
+                store.remove_lock(container_id)
+        finally:
+            os.close(fd)
 
 
 def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: str,
@@ -46,12 +63,31 @@ def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: s
     for warning in spec.warnings:  # config.json fields the guest ignores, by name
         print(f"kata-runtime: warning: {warning}", file=sys.stderr)
     find_executable(spec.rootfs, spec.process)
+    with _locked(store, container_id) as lock_fd:
+        reply = _create_locked(store, shim_argv, container_id, spec.bundle, lock_fd)
+    if pid_file:
+        try:
+            files.write_atomic(pid_file, f"{reply['pid']}\n".encode())
+        except OSError as err:
+            raise ContainerError(f"cannot write --pid-file {pid_file}: {err}") from err
+    if debug:
+        state = store.load(container_id)
+        print(f"kata-runtime: container {container_id} created: factory path "
+              f"{state.annotations.get('io.katacontainers.factory.path')}, phases (ms) "
+              f"{state.annotations.get('io.katacontainers.timing.ms')}", file=debug)
+    return 0
+
+
+def _create_locked(store: StateStore, shim_argv: list[str], container_id: str, bundle: str,
+                   lock_fd: int) -> dict:
     store.reserve(container_id)
     read_fd, write_fd = os.pipe()
     try:
-        # The shim gets our stdout/stderr: the container's output goes there.
-        shim = subprocess.Popen(shim_argv + ["--status-fd", str(write_fd), container_id, spec.bundle],
-                                stdin=subprocess.DEVNULL, pass_fds=[write_fd], start_new_session=True,
+        # The shim gets our stdout/stderr: the container's output goes there. It holds the lock
+        # with us until create is over, even if this command is killed meanwhile.
+        shim = subprocess.Popen(shim_argv + ["--status-fd", str(write_fd), "--lock-fd", str(lock_fd),
+                                             container_id, bundle],
+                                stdin=subprocess.DEVNULL, pass_fds=[write_fd, lock_fd], start_new_session=True,
                                 cwd="/")
     except BaseException:
         store.remove(container_id)
@@ -70,24 +106,15 @@ def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: s
         shim.wait()
         _cleanup(store, container_id)
         raise ContainerError(f"creating container {container_id!r} failed: {reply['error']}")
-    if pid_file:
-        try:
-            files.write_atomic(pid_file, f"{reply['pid']}\n".encode())
-        except OSError as err:
-            raise ContainerError(f"cannot write --pid-file {pid_file}: {err}") from err
-    if debug:
-        state = store.load(container_id)
-        print(f"kata-runtime: container {container_id} created: factory path "
-              f"{state.annotations.get('io.katacontainers.factory.path')}, phases (ms) "
-              f"{state.annotations.get('io.katacontainers.timing.ms')}", file=debug)
-    return 0
+    return reply
 
 
 def start(store: StateStore, container_id: str) -> int:
-    state = current_state(store, container_id)
-    if state.status != "created":
-        raise ContainerError(f"cannot start container {container_id!r}: it is {state.status}, not created")
-    control.call(str(store.shim_socket(container_id)), {"op": "start"})
+    with _locked(store, container_id):
+        state = current_state(store, container_id)
+        if state.status != "created":
+            raise ContainerError(f"cannot start container {container_id!r}: it is {state.status}, not created")
+        control.call(str(store.shim_socket(container_id)), {"op": "start"})
     return 0
 
 
@@ -108,26 +135,28 @@ def parse_signal(name: str) -> int:
 
 def kill(store: StateStore, container_id: str, signal_name: str = "SIGTERM") -> int:
     number = parse_signal(signal_name)
-    state = current_state(store, container_id)
-    if state.status not in ("created", "running"):
-        raise ContainerError(f"cannot kill container {container_id!r}: it is {state.status}")
-    control.call(str(store.shim_socket(container_id)), {"op": "kill", "signal": number})
+    with _locked(store, container_id):
+        state = current_state(store, container_id)
+        if state.status not in ("created", "running"):
+            raise ContainerError(f"cannot kill container {container_id!r}: it is {state.status}")
+        control.call(str(store.shim_socket(container_id)), {"op": "kill", "signal": number})
     return 0
 
 
 def delete(store: StateStore, container_id: str, force: bool) -> int:
-    state = current_state(store, container_id)
-    if state.status == "running" and not force:
-        raise ContainerError(f"cannot delete container {container_id!r}: it is running (use --force or kill it first)")
-    if state.status == "creating" and not force and shim_alive(state):
-        raise ContainerError(f"cannot delete container {container_id!r}: it is still being created (use --force)")
-    if shim_alive(state):
-        try:
-            control.call(str(store.shim_socket(container_id)), {"op": "delete"}, timeout_s=60)
-        except ContainerError:
-            if not force:
-                raise
-    _cleanup(store, container_id)
+    """Waits for a create in progress (its lock), then removes the container and its lock file."""
+    with _locked(store, container_id):
+        state = current_state(store, container_id)
+        if state.status == "running" and not force:
+            raise ContainerError(f"cannot delete container {container_id!r}: it is running "
+                                 "(use --force or kill it first)")
+        if shim_alive(state):
+            try:
+                control.call(str(store.shim_socket(container_id)), {"op": "delete"}, timeout_s=60)
+            except ContainerError:
+                if not force:
+                    raise
+        _cleanup(store, container_id)
     return 0
 
 
@@ -148,9 +177,18 @@ def _cleanup(store: StateStore, container_id: str) -> None:
 
 
 def wait(store: StateStore, container_id: str) -> int:
-    with control.request(str(store.shim_socket(container_id)), {"op": "wait"}, timeout_s=None) as sock:
-        control.read_reply(sock)
-        return int(control.read_reply(sock)["exit_status"])
+    state = current_state(store, container_id)
+    if state.status == "stopped" and not shim_alive(state):
+        return _stopped_exit_status(state)
+    with control.request(str(store.shim_socket(container_id)), {"op": "wait"}, timeout_s=None) as conn:
+        conn.read_reply()
+        return int(conn.read_reply()["exit_status"])
+
+
+def _stopped_exit_status(state: ContainerState) -> int:
+    if state.exit_status is None:
+        raise ContainerError(f"container {state.id!r} stopped without an exit status: {state.reason or 'unknown'}")
+    return state.exit_status
 
 
 def run(store: StateStore, shim_argv: list[str], container_id: str, bundle: str, debug: TextIO | None) -> int:
@@ -164,9 +202,11 @@ def run(store: StateStore, shim_argv: list[str], container_id: str, bundle: str,
 
 
 def exec_process(store: StateStore, container_id: str, args: Sequence[str], out: TextIO, err: TextIO) -> int:
+    """Runs a process in the container; its output goes straight from the shim to `out` and `err`."""
     state = current_state(store, container_id)
     if state.status != "running":
-        raise ContainerError(f"cannot exec in container {container_id!r}: it is {state.status}, not running")
+        why = f" ({state.reason})" if state.reason else ""
+        raise ContainerError(f"cannot exec in container {container_id!r}: it is {state.status}{why}, not running")
     if not args:
         raise ContainerError("exec needs a command: kata-runtime exec ID -- CMD [ARGS...]")
     spec = load_bundle(state.bundle)
@@ -177,15 +217,12 @@ def exec_process(store: StateStore, container_id: str, args: Sequence[str], out:
     request = {"op": "exec", "exec_id": f"exec-{uuid.uuid4().hex[:12]}",
                "process": {"args": process.args, "env": process.env, "cwd": process.cwd,
                            "user": {"uid": process.uid, "gid": process.gid, "additionalGids": process.additional_gids}}}
-    with control.request(str(store.shim_socket(container_id)), request, timeout_s=None) as sock:
-        control.read_reply(sock)
-        while True:
-            message = control.read_reply(sock)
-            if "exit_status" in message:
-                return int(message["exit_status"])
-            stream = out if message["out"] == 1 else err
-            stream.buffer.write(base64.b64decode(message["data"]))
-            stream.flush()
+    out.flush()
+    err.flush()
+    with control.request(str(store.shim_socket(container_id)), request, fds=[out.fileno(), err.fileno()],
+                         timeout_s=None) as conn:
+        conn.read_reply()
+        return int(conn.read_reply()["exit_status"])
 
 
 def list_containers(store: StateStore, out: TextIO, as_json: bool) -> int:

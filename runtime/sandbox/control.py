@@ -1,27 +1,130 @@
-"""The shim's control channel: JSON lines over a Unix socket, stdio fds by SCM_RIGHTS.
+"""The shim's control channel: length-prefixed JSON frames over a Unix socket, stdio fds by SCM_RIGHTS.
 
 Each kata-runtime command is a short-lived process; the shim is the one
 long-lived owner of a sandbox's VM connection, and these are its requests:
   {"op": "start"} | {"op": "kill", "signal": N} | {"op": "wait"}
-  {"op": "exec", "exec_id": ..., "process": {...}} with the caller's stdout/stderr fds attached
+  {"op": "exec", "exec_id": ..., "process": {...}} with the caller's stdout and stderr attached
   {"op": "delete"}
 Replies are {"ok": true, ...} or {"error": "..."}; exec and wait reply once
-more with {"exit_status": N} when the process ends.
+more with {"exit_status": N} when the process ends. An exec's output does not
+travel on this socket: the shim writes it straight to the caller's stdout and
+stderr, so a slow reader blocks the shim's write and, through it, the process.
+
+A frame is a 4-byte big-endian payload length and the payload (one JSON
+object): two replies in one read, or one reply over many, decode the same.
 """
 from __future__ import annotations
 
+import array
+import asyncio
 import json
+import os
 import socket
+import struct
 from typing import Any
 
 from runtime.sandbox.state import ContainerError
 
-# A reply is one short JSON line.
-MAX_LINE = 1 << 16
+HEADER = struct.Struct(">I")
+# A request carries one OCI process (args, env): a few KiB. The cap only bounds what a corrupt
+# length prefix can make a reader buffer.
+MAX_PAYLOAD = 1 << 20
+# stdout and stderr of an exec.
+MAX_FDS = 2
 
 
-def request(socket_path: str, message: dict[str, Any], fds: list[int] = (), timeout_s: float | None = 60.0) -> socket.socket:
-    """Sends one request; returns the connected socket for reading replies."""
+class FrameError(ContainerError):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    payload = json.dumps(message).encode()
+    if len(payload) > MAX_PAYLOAD:
+        raise FrameError(f"control message of {len(payload)} bytes is over {MAX_PAYLOAD}; "
+                         "shorten the process's args and env")
+    return HEADER.pack(len(payload)) + payload
+
+
+def payload_length(header: bytes) -> int:
+    (length,) = HEADER.unpack(header)
+    if length > MAX_PAYLOAD:
+        raise FrameError(f"control frame of {length} bytes is over {MAX_PAYLOAD}: "
+                         "the peer is not a kata-runtime shim of this version")
+    return length
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(payload)
+    except ValueError as err:
+        raise FrameError(f"control frame is not JSON: {err}") from None
+    if not isinstance(message, dict):
+        raise FrameError(f"control frame is {type(message).__name__}, not a JSON object")
+    return message
+
+
+class FrameDecoder:
+    """Incremental: feed() arbitrary chunks, get back the complete messages in order."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        self._buffer += chunk
+        messages = []
+        while len(self._buffer) >= HEADER.size:
+            length = payload_length(bytes(self._buffer[:HEADER.size]))
+            end = HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            messages.append(decode(bytes(self._buffer[HEADER.size:end])))
+            del self._buffer[:end]
+        return messages
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame begun but not complete."""
+        return len(self._buffer)
+
+
+# ---- client side (the short-lived kata-runtime commands) ---------------------
+
+
+class Connection:
+    """One request's connection: replies are read one frame at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._decoder = FrameDecoder()
+        self._ready: list[dict[str, Any]] = []
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def read_reply(self) -> dict[str, Any]:
+        """The next reply; an {"error": ...} reply is raised as ContainerError."""
+        while not self._ready:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:
+                raise ContainerError("the container's shim did not answer in time; "
+                                     "see shim.log in the container's state directory") from None
+            if not chunk:
+                what = "in the middle of a reply" if self._decoder.pending else "without answering"
+                raise ContainerError(f"the container's shim closed the connection {what}")
+            self._ready.extend(self._decoder.feed(chunk))
+        reply = self._ready.pop(0)
+        if "error" in reply:
+            raise ContainerError(str(reply["error"]))
+        return reply
+
+
+def request(socket_path: str, message: dict[str, Any], fds: list[int] = (),
+            timeout_s: float | None = 60.0) -> Connection:
+    """Sends one request (with `fds` attached); returns the connection to read replies from."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
@@ -29,29 +132,71 @@ def request(socket_path: str, message: dict[str, Any], fds: list[int] = (), time
     except OSError as err:
         sock.close()
         raise ContainerError(f"the container's shim is not running ({socket_path}: {err.strerror})") from err
-    payload = (json.dumps(message) + "\n").encode()
-    if fds:
-        socket.send_fds(sock, [payload], list(fds))
-    else:
-        sock.sendall(payload)
-    return sock
-
-
-def read_reply(sock: socket.socket) -> dict[str, Any]:
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ContainerError("the container's shim closed the connection without answering")
-        line += chunk
-        if len(line) > MAX_LINE:
-            raise ContainerError("the container's shim sent an oversized reply")
-    reply = json.loads(line)
-    if "error" in reply:
-        raise ContainerError(reply["error"])
-    return reply
+    frame = encode(message)
+    try:
+        if fds:
+            sent = socket.send_fds(sock, [frame], list(fds))
+            if sent < len(frame):  # never an empty send: the shim may have answered and closed
+                sock.sendall(frame[sent:])
+        else:
+            sock.sendall(frame)
+    except OSError as err:
+        sock.close()
+        raise ContainerError(f"sending {message.get('op')!r} to the container's shim failed: {err}") from err
+    return Connection(sock)
 
 
 def call(socket_path: str, message: dict[str, Any], timeout_s: float | None = 60.0) -> dict[str, Any]:
-    with request(socket_path, message, timeout_s=timeout_s) as sock:
-        return read_reply(sock)
+    with request(socket_path, message, timeout_s=timeout_s) as conn:
+        return conn.read_reply()
+
+
+# ---- server side (the shim) ---------------------------------------------------
+
+
+async def receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """The first frame on a new connection and the fds that came with it (non-blocking `sock`).
+
+    asyncio's streams drop ancillary data, so the request is read with recvmsg here."""
+    loop = asyncio.get_running_loop()
+    decoder = FrameDecoder()
+    fds: list[int] = []
+    try:
+        while True:
+            data, fds_now = await _recv_with_fds(loop, sock)
+            fds.extend(fds_now)
+            if not data:
+                raise FrameError("the client closed the connection before its request was complete")
+            messages = decoder.feed(data)
+            if messages:
+                return messages[0], fds
+    except BaseException:
+        for fd in fds:
+            _close_quietly(fd)
+        raise
+
+
+async def _recv_with_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    while True:
+        try:
+            data, ancillary, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+            break
+        except BlockingIOError:
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+    for level, kind, blob in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(blob[:len(blob) - len(blob) % fds.itemsize])
+    return data, list(fds)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

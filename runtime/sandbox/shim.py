@@ -10,12 +10,13 @@ container's stdio.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from opentelemetry.context import Context
 
 from factory import ownership, tracing
+from factory.errors import AgentError
 from hostos import mounts
 from factory.config import VMConfig
 from factory.ownership import OwnerKind
@@ -30,12 +32,21 @@ from hostos import process as host_process
 from factory.vm import VM
 from configuration.loader import RuntimeConfig
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
-from runtime.sandbox import share, vm_source
-from runtime.sandbox.state import ContainerState, StateStore, now_rfc3339
+from runtime.sandbox import control, share, vm_source
+from runtime.sandbox.state import ContainerError, ContainerState, StateStore, now_rfc3339
 
 # Where the guest mounts the VM's 9p share; rootfs are below it, one per container.
 GUEST_SHARED_DIR = "/run/kata-containers/shared"
 SHARED_FS_TAG = "kataShared"
+# ProcessOutput stream numbers (agent.proto).
+STDOUT, STDERR = 1, 2
+# QEMU closes the agent socket as it exits; this long for the process to be gone tells a dead
+# VM from a live one whose agent went away.
+QEMU_EXIT_GRACE_S = 2.0
+# A command sends its request as soon as it connects; one that does not in this long is stuck.
+REQUEST_READ_TIMEOUT_S = 30.0
+# Commands on one container are few and short-lived; waits and execs hold a connection each.
+LISTEN_BACKLOG = 64
 
 _TRACER = "kata_vmfactory.runtime"
 log = logging.getLogger("kata-shim")
@@ -59,7 +70,11 @@ class Shim:
                                     shim_start_time=host_process.start_time(os.getpid()) or 0)
         self.vm: VM | None = None
         self.exited = asyncio.Event()
-        self.exec_streams: dict[str, asyncio.Queue] = {}
+        # exec id -> stream number -> fd its output goes to; the container's own go to our stdio.
+        self.outputs: dict[str, dict[int, int]] = {container_id: {STDOUT: 1, STDERR: 2}}
+        self.exec_exits: dict[str, asyncio.Future] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.stopping = False  # our teardown: the agent connection closing then is no news
         self.done = asyncio.Event()
 
     # ---- create -------------------------------------------------------------
@@ -123,16 +138,19 @@ class Shim:
     # ---- serving ------------------------------------------------------------
 
     async def relay_events(self) -> None:
-        """Guest events: the container's output to our stdio, exec output to its caller."""
+        """Guest events: each process's output to its fds, in order, each write finished before
+        the next event is read (that wait is the backpressure: the agent client's queue fills,
+        then the guest agent stops reading the process's pipes); exits to their waiters."""
         while True:
-            event = await self.vm.agent.events.get()
+            try:
+                event = await self.vm.agent.next_event()
+            except AgentError as err:
+                await self._vm_lost(f"lost the guest agent: {err}")
+                return
             kind = event.WhichOneof("kind")
             if kind == "process_output":
                 out = event.process_output
-                if out.exec_id == self.id:
-                    await asyncio.to_thread(_write_all, 1 if out.stream == 1 else 2, out.data)
-                elif out.exec_id in self.exec_streams:
-                    await self.exec_streams[out.exec_id].put({"out": out.stream, "data": base64.b64encode(out.data).decode()})
+                await self._write_output(out.exec_id, out.stream, out.data)
             elif kind == "process_exited":
                 exited = event.process_exited
                 if exited.exec_id == self.id:
@@ -140,73 +158,124 @@ class Shim:
                     self.state.exit_status = exited.exit_status
                     self.store.save(self.state)
                     self.exited.set()
-                elif exited.exec_id in self.exec_streams:
-                    await self.exec_streams[exited.exec_id].put({"exit_status": exited.exit_status})
+                else:
+                    waiter = self.exec_exits.get(exited.exec_id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(exited.exit_status)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        def send(message: dict[str, Any]) -> None:
-            writer.write((json.dumps(message) + "\n").encode())
+    async def _write_output(self, exec_id: str, stream: int, data: bytes) -> None:
+        fds = self.outputs.get(exec_id)
+        fd = fds.get(stream) if fds else None
+        if fd is None:
+            return  # a stream whose reader went away (see below): the process was told with SIGPIPE
+        try:
+            await asyncio.to_thread(_write_all, fd, data)
+        except OSError as err:
+            # As for a process writing to a pipe nobody reads any more: SIGPIPE. What it writes
+            # from now on to that stream is discarded, so it can never block the other processes.
+            name = "stdout" if stream == STDOUT else "stderr"
+            log.warning("writing %s's %s failed (%s): discarding its %s and sending it SIGPIPE",
+                        exec_id, name, err.strerror or err, name)
+            fds.pop(stream, None)
+            self._spawn(self._signal_quietly(exec_id, signal.SIGPIPE), f"sigpipe-{exec_id}")
+
+    async def _signal_quietly(self, exec_id: str, signum: int) -> None:
+        try:
+            await self.vm.agent.signal_process(exec_id, signum)
+        except AgentError as err:
+            log.info("signalling %s: %s", exec_id, err)  # it may have exited meanwhile
+
+    async def _vm_lost(self, why: str) -> None:
+        """The VM died or its agent went away: the container is stopped and everyone waiting is told."""
+        if self.stopping:
+            return  # our own teardown closed the connection
+        qemu = self.vm.hypervisor.state
+        gone = await asyncio.to_thread(host_process.wait_gone, qemu.pid, qemu.pid_start_time, QEMU_EXIT_GRACE_S)
+        reason = f"its VM exited ({why})" if gone else f"its VM stopped answering ({why})"
+        log.error("container %s: %s", self.id, reason)
+        if self.state.status != "stopped":  # else its process had exited already: that status stands
+            self.state.status = "stopped"
+            self.state.reason = reason
+            self.store.save(self.state)
+            self.exited.set()
+        for waiter in self.exec_exits.values():
+            if not waiter.done():
+                waiter.set_exception(ContainerError(f"container {self.id} stopped: {reason}"))
+
+    async def _serve_connection(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        fds: list[int] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            await loop.sock_sendall(sock, control.encode(message))
 
         try:
-            request = json.loads(await reader.readline())
-            op = request.get("op")
-            if op == "start":
-                if self.state.status != "created":
-                    raise RuntimeError(f"container {self.id} is {self.state.status}, not created")
-                await self.vm.agent.start_process(self.id)
-                self.state.status = "running"
-                self.store.save(self.state)
-                send({"ok": True})
-            elif op == "kill":
-                if self.state.status == "stopped":
-                    raise RuntimeError(f"container {self.id} is not running")
-                await self.vm.agent.signal_process(self.id, int(request.get("signal", signal.SIGTERM)))
-                send({"ok": True})
-            elif op == "wait":
-                send({"ok": True})
-                await writer.drain()
-                await self.exited.wait()
-                send({"exit_status": self.state.exit_status})
-            elif op == "exec":
-                await self._exec(request, send, writer)
-            elif op == "delete":
-                await self.teardown()
-                send({"ok": True})
-                self.done.set()
-            else:
-                raise RuntimeError(f"unknown shim request {op!r}")
+            request, fds = await asyncio.wait_for(control.receive_request(sock), REQUEST_READ_TIMEOUT_S)
+            await self._handle(request, fds, send)
         except Exception as err:  # every failure goes back to the command that asked
             log.warning("request failed: %s", err)
-            send({"error": str(err)})
-        finally:
             try:
-                await writer.drain()
-                writer.close()
+                await send({"error": str(err) or type(err).__name__})
             except OSError:
                 pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+            sock.close()
 
-    async def _exec(self, request: dict[str, Any], send, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, request: dict[str, Any], fds: list[int], send) -> None:
+        op = request.get("op")
+        if op == "start":
+            if self.state.status != "created":
+                raise ContainerError(f"container {self.id} is {self.state.status}, not created")
+            await self.vm.agent.start_process(self.id)
+            self.state.status = "running"
+            self.store.save(self.state)
+            await send({"ok": True})
+        elif op == "kill":
+            if self.state.status == "stopped":
+                raise ContainerError(f"container {self.id} is not running")
+            await self.vm.agent.signal_process(self.id, int(request.get("signal", signal.SIGTERM)))
+            await send({"ok": True})
+        elif op == "wait":
+            await send({"ok": True})
+            await self.exited.wait()
+            if self.state.exit_status is None:
+                raise ContainerError(f"container {self.id} stopped: {self.state.reason}")
+            await send({"exit_status": self.state.exit_status})
+        elif op == "exec":
+            await self._exec(request, fds, send)
+        elif op == "delete":
+            await self.teardown()
+            await send({"ok": True})
+            self.done.set()
+        else:
+            raise ContainerError(f"unknown shim request {op!r}")
+
+    async def _exec(self, request: dict[str, Any], fds: list[int], send) -> None:
         if self.state.status != "running":
-            raise RuntimeError(f"container {self.id} is {self.state.status}; exec needs a running container")
+            why = f" ({self.state.reason})" if self.state.reason else ""
+            raise ContainerError(f"container {self.id} is {self.state.status}{why}; exec needs a running container")
+        if len(fds) != 2:
+            raise ContainerError(f"exec needs the caller's stdout and stderr attached, got {len(fds)} fds")
         exec_id = str(request["exec_id"])
         process = parse_process(request["process"], "exec")
-        queue: asyncio.Queue = asyncio.Queue()
-        self.exec_streams[exec_id] = queue
+        exit_status = asyncio.get_running_loop().create_future()
+        self.exec_exits[exec_id] = exit_status
+        self.outputs[exec_id] = {STDOUT: fds[0], STDERR: fds[1]}
         try:
             await self._create_process(exec_id, process, None)
             await self.vm.agent.start_process(exec_id)
-            send({"ok": True})
-            while True:
-                message = await queue.get()
-                send(message)
-                await writer.drain()
-                if "exit_status" in message:
-                    return
+            await send({"ok": True})
+            # Set after the relay wrote the process's last output (the guest sends it first).
+            await send({"exit_status": await exit_status})
         finally:
-            self.exec_streams.pop(exec_id, None)
+            self.exec_exits.pop(exec_id, None)
+            self.outputs.pop(exec_id, None)
 
     async def teardown(self) -> None:
         """Stops the VM, removes the rootfs bind mount and the VM's run directory."""
+        self.stopping = True
         share.unbind_rootfs(self.state.share_mount, self.state.share_mount_id)
         if self.vm is not None:
             await self.vm.stop()
@@ -215,20 +284,51 @@ class Shim:
         """Serves the control socket; `listening` runs once it accepts connections (create must
         not return before that, or an immediate start finds no socket)."""
         socket_path = str(self.store.shim_socket(self.id))
-        server = await asyncio.start_unix_server(self.handle, path=socket_path)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(socket_path)
         os.chmod(socket_path, 0o600)
+        server.listen(LISTEN_BACKLOG)
+        server.setblocking(False)
         listening()
-        relay = asyncio.ensure_future(self.relay_events())
+        self._spawn(self.relay_events(), "relay", critical=True)
+        self._spawn(self._accept(server), "accept", critical=True)
         loop = asyncio.get_running_loop()
         # A shim told to stop by a signal still cleans up (delete --force is the other way).
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self._stop_by_signal()))
+            loop.add_signal_handler(sig, lambda: self._spawn(self._stop_by_signal(), "stop-by-signal"))
         try:
-            async with server:
-                await self.done.wait()
+            await self.done.wait()
         finally:
-            relay.cancel()
-            await asyncio.gather(relay, return_exceptions=True)
+            server.close()
+            tasks = list(self.tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept(self, server: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(server)
+            sock.setblocking(False)
+            self._spawn(self._serve_connection(sock), "request")
+
+    def _spawn(self, coro, name: str, critical: bool = False) -> asyncio.Task:
+        """A task the shim owns: kept until done, its failure logged; a critical one's failure
+        (the relay, the accept loop) stops the container rather than leave it half-served."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+
+        def finished(task: asyncio.Task) -> None:
+            self.tasks.discard(task)
+            if task.cancelled() or task.exception() is None:
+                return
+            err = task.exception()
+            log.error("shim task %s failed: %s", name, err, exc_info=err)
+            if critical:
+                self._spawn(self._vm_lost(f"the shim's {name} task failed: {err}"), "lost")
+
+        task.add_done_callback(finished)
+        return task
 
     async def _stop_by_signal(self) -> None:
         await self.teardown()
@@ -236,25 +336,35 @@ class Shim:
 
 
 def _write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`, blocking while the reader is slow (also if the fd is non-blocking)."""
     view = memoryview(data)
     while view:
         try:
             view = view[os.write(fd, view):]
-        except BrokenPipeError:
-            return  # the reader went away; the container keeps running
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
-async def run_shim(store: StateStore, config: RuntimeConfig, container_id: str, bundle: str, status_fd: int) -> int:
+async def run_shim(store: StateStore, config: RuntimeConfig, container_id: str, bundle: str, status_fd: int,
+                   lock_fd: int = -1) -> int:
+    """Creates the container and serves it. `lock_fd`, the container's lock shared with the create
+    command, is held until create has succeeded or cleaned up, so a delete waits for that."""
     shim = Shim(store, config, container_id, bundle)
+
+    def report(message: dict[str, Any]) -> None:
+        _report(status_fd, message)
+        if lock_fd >= 0:
+            os.close(lock_fd)
+
     with tracing.span(_TRACER, "CreateContainer", None, container_id=container_id) as ctx:
         try:
             await shim.create(ctx)
         except BaseException as err:
             log.error("create failed: %s", err)
             await shim.teardown()
-            _report(status_fd, {"error": str(err)})
+            report({"error": str(err)})
             return 1
-    await shim.serve(listening=lambda: _report(status_fd, {"ok": True, "pid": shim.state.pid}))
+    await shim.serve(listening=lambda: report({"ok": True, "pid": shim.state.pid}))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Per-container state under --root: survives each kata-runtime process.
 
 One directory per container (<root>/<id>/) with state.json, written
-atomically, and the shim's control socket.
+atomically, and the shim's control socket; beside it <root>/<id>.lock, which
+commands that change the container hold, so two of them on one id take turns.
 """
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hostos import flock
 from runtime.errors import KataRuntimeError
 
 DEFAULT_ROOT = "/run/kata-vmfactory"
 # Same rule as runc: ids become directory and file names.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# A command waits for another on the same id at most this long: longer than a create on a loaded
+# machine (commands.CREATE_TIMEOUT_S), the longest a holder keeps the lock.
+LOCK_TIMEOUT_S = 360.0
 
 
 class ContainerError(KataRuntimeError):
@@ -39,15 +44,20 @@ class ContainerState:
     vm: dict[str, Any] = dataclasses.field(default_factory=dict)  # QemuState of the sandbox VM
     share_mount: str = ""  # host bind mount of the rootfs inside the VM's shared dir
     share_mount_id: int = 0  # its mount ID when the shim mounted it: teardown unmounts only that
+    reason: str = ""  # why a container stopped other than by its process exiting (its VM died)
 
     def oci(self) -> dict[str, Any]:
-        return {"ociVersion": "1.0.2", "id": self.id, "status": self.status, "pid": self.pid,
-                "bundle": self.bundle, "annotations": self.annotations}
+        state = {"ociVersion": "1.0.2", "id": self.id, "status": self.status, "pid": self.pid,
+                 "bundle": self.bundle, "annotations": self.annotations}
+        if self.reason:
+            state["reason"] = self.reason
+        return state
 
 
 class StateStore:
     def __init__(self, root: str = DEFAULT_ROOT) -> None:
-        self.root = Path(root)
+        # Absolute: the shim runs in "/", and a relative root would name another directory there.
+        self.root = Path(os.path.abspath(root))
 
     @staticmethod
     def check_id(container_id: str) -> None:
@@ -60,6 +70,21 @@ class StateStore:
 
     def shim_socket(self, container_id: str) -> Path:
         return self.dir(container_id) / "shim.sock"
+
+    def lock(self, container_id: str) -> int:
+        """An fd holding the container's lock (close it to release); waits for another holder."""
+        self.check_id(container_id)
+        self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        path = self.root / f"{container_id}.lock"
+        try:
+            return flock.acquire(str(path), LOCK_TIMEOUT_S)
+        except flock.LockTimeoutError:
+            raise ContainerError(f"container {container_id!r} is still locked by another command after "
+                                 f"{LOCK_TIMEOUT_S:.0f} s ({path}); retry when it has finished") from None
+
+    def remove_lock(self, container_id: str) -> None:
+        """Removes the lock file of a container that is gone; call it holding the lock."""
+        flock.remove(str(self.root / f"{container_id}.lock"))
 
     def reserve(self, container_id: str) -> Path:
         """Creates the container's directory; a duplicate id is refused."""

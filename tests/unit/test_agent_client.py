@@ -277,3 +277,54 @@ def test_calls_are_spans_under_the_given_context(agent):
         assert span.attributes["subsystem"] == "agent"
     assert spans["agent.ReadRandom"].status.status_code == StatusCode.ERROR
     assert spans["agent.Check"].status.status_code != StatusCode.ERROR
+
+
+def test_process_output_waits_for_its_reader_and_nothing_is_dropped(short_dir):
+    # A guest writing far more output than the client queues: the client stops reading the
+    # socket (so the guest's writes block) instead of dropping; the loss comes after the data.
+    from factory.agent import client as client_module
+    from protocols.agent import agent_pb2
+    from protocols.agent.framing import encode_frame
+
+    path = os.path.join(short_dir, "chatty.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    count = client_module.MAX_QUEUED_EVENTS * 4
+    chunk = b"x" * 65536
+
+    def frame(i: int) -> bytes:
+        message = agent_pb2.GuestMessage()
+        message.event.process_output.exec_id = "p1"
+        message.event.process_output.data = i.to_bytes(4, "big") + chunk
+        return encode_frame(message.SerializeToString())
+
+    def guest_side() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for i in range(count):
+                conn.sendall(frame(i))
+
+    writer = threading.Thread(target=guest_side, daemon=True)
+    writer.start()
+
+    async def body():
+        client = await connected(path)
+        try:
+            deadline = time.monotonic() + 10
+            while not client.events.full():
+                assert time.monotonic() < deadline, "the client's queue never filled"
+                await asyncio.sleep(0.01)
+            assert writer.is_alive()  # blocked in sendall: the backpressure reached the writer
+            for i in range(count):
+                event = await asyncio.wait_for(client.next_event(), 10)
+                assert event.process_output.data[:4] == i.to_bytes(4, "big")
+            writer.join(10)
+            for _ in range(2):  # the loss, after every event, and for every later reader
+                with pytest.raises(AgentError, match="closed"):
+                    await asyncio.wait_for(client.next_event(), 10)
+        finally:
+            await client.close()
+            listener.close()
+
+    run(body())
