@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from opentelemetry.context import Context
 
-from factory import memfile, tracing
+from factory import memfile, template_store, tracing
 from hostos import mounts
 from factory.base import FactoryBase
 from factory.config import VMConfig
@@ -81,6 +82,10 @@ class TemplateFactory(FactoryBase):
         self.run_root = run_root
         self.created = created  # this process made it (and so its owner removes it)
         self.punch_report: memfile.PunchReport | None = None
+        # How this process got the template (create): for status and metrics.
+        self.creation_seconds = 0.0
+        self.restored_from = ""  # the template_persist_path it was copied from, if any
+        self.persist_error = ""
 
     @property
     def memory_path(self) -> Path:
@@ -101,19 +106,45 @@ class TemplateFactory(FactoryBase):
 
     @classmethod
     async def create(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
-                     run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None) -> "TemplateFactory":
+                     run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None,
+                     persist_path: str = "") -> "TemplateFactory":
+        """Makes the template in `path`: restored from `persist_path` when a matching copy is
+        saved there, else booted (and then saved there when `persist_path` is set)."""
         self = cls(config, path, run_root, created=True)
+        started = time.monotonic()
         with tracing.span(_TRACER, "template.New", ctx, subsystem="factory", path=path) as span_ctx:
             if self.exists():
                 raise TemplateError(f"There is already a VM template in {path}; "
                                     "remove it with `kata-runtime factory destroy` first")
             try:
                 self._prepare_files()
-                await self._boot_and_save(span_ctx)
+                if not (persist_path and self._restore(Path(persist_path))):
+                    await self._boot_and_save(span_ctx)
+                    if persist_path:
+                        self._persist(Path(persist_path))
             except BaseException:
                 await self.close()
                 raise
+        self.creation_seconds = time.monotonic() - started
         return self
+
+    def _restore(self, store: Path) -> bool:
+        why_not = template_store.differences(store, expected_metadata(self._config))
+        if why_not:
+            log.info("not restoring the template from %s, booting a new one: %s", store, "; ".join(why_not))
+            return False
+        template_store.restore(store, self.path)
+        self.restored_from = str(store)
+        return True
+
+    def _persist(self, store: Path) -> None:
+        # The tmpfs template works without its disk copy: a failed save costs
+        # a boot after the next reboot, not this server.
+        try:
+            template_store.save(self.path, store)
+        except TemplateError as err:
+            self.persist_error = str(err)
+            log.error("%s", err)
 
     @classmethod
     def fetch(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
@@ -197,4 +228,7 @@ class TemplateFactory(FactoryBase):
             pass
         if self.punch_report:
             info["zero_pages_freed"] = self.punch_report.zero_pages_freed
+        if self.created:
+            info.update(creation_seconds=self.creation_seconds, restored_from=self.restored_from,
+                        persist_error=self.persist_error)
         return info
