@@ -64,7 +64,8 @@ class SlotSnapshot:
 
 class CacheFactory(FactoryBase):
     def __init__(self, base: FactoryBase, count: int, get_timeout_s: float = GET_TIMEOUT_S,
-                 on_ready=None, park_disconnected: bool = False, on_failure=None) -> None:
+                 on_ready=None, park_disconnected: bool = False,
+                 on_failure: Callable[[int, BaseException], None] | None = None) -> None:
         if count < 1:
             raise ValueError(f"cache size must be at least 1, got {count}")
         self.base = base

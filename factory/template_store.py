@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 from factory.errors import TemplateError
 
@@ -42,7 +43,7 @@ class StoreReport:
     disk_bytes: int  # blocks the saved copy occupies on disk
 
 
-def _data_regions(fd: int, size: int):
+def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:
     offset = 0
     while offset < size:
         try:
@@ -120,7 +121,7 @@ def save(template_dir: Path, store: Path) -> StoreReport:
     return report
 
 
-def differences(store: Path, expected: dict) -> list[str]:
+def differences(store: Path, expected: dict[str, Any]) -> list[str]:
     """Why the copy in `store` cannot serve a configuration needing `expected`; empty when it can."""
     try:
         recorded = json.loads((store / METADATA).read_text())

@@ -26,7 +26,7 @@ class PoolHealth:
         self.servicer = health.aio.HealthServicer()
         self.serving = False
         self.was_full = False
-        self._pending: set[asyncio.Future] = set()
+        self._pending: set[asyncio.Future[None]] = set()
         self._publish(NOT_SERVING)
 
     def update(self, slots: list[SlotSnapshot]) -> None:

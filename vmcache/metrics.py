@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import time
 from typing import Callable
+from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -54,7 +55,7 @@ class Metrics:
                                 registry=r)
         self.started_at = time.time()
         self.start_time.set(self.started_at)
-        self._http = None
+        self._http: WSGIServer | None = None
 
     def serve(self, host: str, port: int) -> None:
         """Starts the /metrics HTTP endpoint.

@@ -65,6 +65,15 @@ class Operations:
         self.metrics.watch_ready(lambda: sum(1 for s in self.slots() if s.vm_id))
         self._update()
 
+    def template_summary(self) -> str:
+        """One line for the server's log: how the template came to be, and how long it took."""
+        t = self._template
+        if t is None:
+            return "no template (VMs are booted directly)"
+        how = f"restored from {t.restored_from}" if t.restored_from else "created by booting a VM"
+        saved = f"; not saved: {t.persist_error}" if t.persist_error else ""
+        return f"template in {t.path} {how} in {t.creation_seconds:.2f} s{saved}"
+
     def slots(self) -> list[SlotSnapshot]:
         return self._cache.slots() if self._cache else []
 

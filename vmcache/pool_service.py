@@ -8,15 +8,19 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import grpc
+
 from factory.cache import SlotSnapshot, SlotState
 from factory.template import TemplateFactory
-from protocols.pool import pool_pb2, pool_pb2_grpc
+from protocols.pool import pool_pb2
 
 _STATES = {SlotState.BUILDING: pool_pb2.Slot.BUILDING, SlotState.READY: pool_pb2.Slot.READY,
            SlotState.FAILING: pool_pb2.Slot.FAILING}
 
 
-class PoolService(pool_pb2_grpc.PoolServiceServicer):
+class PoolService:
+    """Registered with pool_pb2_grpc.add_PoolServiceServicer_to_server (it calls Status by name)."""
+
     def __init__(self, slots: Callable[[], list[SlotSnapshot]], serving: Callable[[], bool],
                  template: TemplateFactory | None, start_time: float, handed_out: Callable[[], int]) -> None:
         self._slots = slots
@@ -25,7 +29,7 @@ class PoolService(pool_pb2_grpc.PoolServiceServicer):
         self._start_time = start_time
         self._handed_out = handed_out
 
-    async def Status(self, request, context) -> pool_pb2.PoolStatus:
+    async def Status(self, request: object, context: grpc.aio.ServicerContext[object, object]) -> pool_pb2.PoolStatus:
         slots = self._slots()
         reply = pool_pb2.PoolStatus(
             pid=os.getpid(), size=len(slots), ready=sum(1 for s in slots if s.state is SlotState.READY),

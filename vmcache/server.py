@@ -73,6 +73,7 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
         await ops.close()
     factory = making.result()
     ops.attach(factory)
+    print(f"vmcache: {ops.template_summary()}", file=progress, flush=True)
     server = grpc.aio.server()
     try:
         server.add_generic_rpc_handlers([CacheService(factory, stopping.set, ops.vm_handed_out).handler()])

@@ -77,13 +77,15 @@ def _get_base_vm(sock: str) -> bytes:
         return call(empty_pb2.Empty(), timeout=WAIT_S)
 
 
-def test_metrics_health_and_pool_status_follow_the_vms_handed_out(run_root):
+def test_metrics_health_and_pool_status_follow_the_vms_handed_out_and_a_restart_restores_the_template(run_root):
     port = _free_port()
-    config = _config_with(run_root, vm_cache_metrics_address=f"127.0.0.1:{port}")
+    store = os.path.join(run_root, "persist")
+    config = _config_with(run_root, vm_cache_metrics_address=f"127.0.0.1:{port}", template_persist_path=store)
     server = Server(run_root, config)
     handed: list[bytes] = []
     try:
         server.wait_ready(2)
+        assert "created by booting a VM" in server.output()
         assert _wait_for("SERVING", lambda: _health(server.socket) == health_pb2.HealthCheckResponse.SERVING)
         before = _scrape(port)
         assert before["kata_vmcache_pool_size"] == 2
@@ -128,6 +130,16 @@ def test_metrics_health_and_pool_status_follow_the_vms_handed_out(run_root):
         for raw in handed:
             _stop_handed_out(raw)
         server.stop()
+
+    # The stopped server removed its tmpfs template; the next one copies it back from disk.
+    assert not os.path.exists(os.path.join(run_root, "template"))
+    again = Server(run_root, config)
+    try:
+        again.wait_ready(2)
+        assert f"restored from {store}" in again.output()
+        assert _scrape(port)["kata_vmcache_template_creation_duration_seconds{source=disk}"] > 0
+    finally:
+        again.stop()
 
 
 def test_a_template_removed_from_tmpfs_is_restored_from_disk_and_clones_work(run_root):

@@ -1,7 +1,6 @@
 """Operating the VMCache server: metrics address errors, health from pool state,
 systemd readiness, the configuration keys."""
 import asyncio
-import os
 import socket
 
 import pytest
