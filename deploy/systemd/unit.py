@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +31,8 @@ def render(server: str, config: str) -> str:
     for what, path in (("server", server), ("config", config)):
         if not os.path.isabs(path) or any(c.isspace() for c in path):
             raise ValueError(f"{what} path {path!r} must be absolute and without spaces (systemd would split it)")
-    template = resources.files(__package__).joinpath("kata-vmcache.service.in").read_text()
+    # Beside this file, in the source tree and in Bazel's runfiles (a data dependency).
+    template = Path(__file__).with_name("kata-vmcache.service.in").read_text()
     return template.replace("@SERVER@", server).replace("@CONFIG@", config)
 
 
@@ -48,7 +48,12 @@ def main(argv: Sequence[str]) -> int:
         print(unit, end="")
         return 0
     target = Path(FLAGS.unit_dir, UNIT_NAME)
-    target.write_text(unit)
+    try:
+        target.write_text(unit)
+    except OSError as err:
+        print(f"install: cannot write {target}: {err.strerror}; pick another --unit_dir or run as root",
+              file=sys.stderr)
+        return 1
     print(f"install: wrote {target}")
     if FLAGS.unit_dir == DEFAULT_UNIT_DIR:
         subprocess.run(["systemctl", "daemon-reload"], check=False)
