@@ -36,7 +36,8 @@ _HYPERVISOR_KEYS = {
     "shared_fs": (str, "shared_fs"), "enable_debug": (bool, "debug"),
 }
 _AGENT_KEYS = {"dial_timeout": (float, "dial_timeout_s"), "debug": (bool, "debug"), "enable_tracing": (bool, "trace")}
-_FACTORY_KEYS = {"enable_template": bool, "template_path": str, "vm_cache_number": int, "vm_cache_endpoint": str}
+_FACTORY_KEYS = {"enable_template": bool, "template_path": str, "vm_cache_number": int, "vm_cache_endpoint": str,
+                 "template_persist_path": str, "vm_cache_metrics_address": str}
 _RUNTIME_KEYS = {"vm_run_root": str, "enable_tracing": bool, "tracing_exporter": str, "otlp_endpoint": str}
 
 
@@ -57,12 +58,15 @@ class RuntimeConfig:
     vm_cache_endpoint: str = DEFAULT_VM_CACHE_ENDPOINT
     vm_run_root: str = "/run/vc/vm"
     tracing: TracingConfig = TracingConfig()
+    template_persist_path: str = ""  # "": the template lives on tmpfs only
+    vm_cache_metrics_address: str = ""  # "host:port" of the Prometheus endpoint; "": off
 
     def factory_config(self, cache: int = 0, vm_cache: bool | None = None) -> FactoryConfig:
         return FactoryConfig(template=self.enable_template, template_path=self.template_path,
                              vm_cache=self.vm_cache_number > 0 if vm_cache is None else vm_cache,
                              cache=cache, vm_cache_endpoint=self.vm_cache_endpoint,
-                             vm_config=self.vm_config, run_root=self.vm_run_root)
+                             vm_config=self.vm_config, run_root=self.vm_run_root,
+                             template_persist_path=self.template_persist_path)
 
 
 def find(explicit: str | None = None) -> tuple[str, str]:
@@ -145,9 +149,15 @@ def parse(text: str, where: str = EMBEDDED) -> RuntimeConfig:
     # Upstream checkFactoryConfig: templating needs an initrd (an image cannot be shared).
     if factory.get("enable_template") and not vm_config.hypervisor.initrd_path:
         raise ConfigError(f"{where}: Factory option enable_template requires an initrd image")
-    for key in ("template_path", "vm_cache_endpoint"):
-        if key in factory and not os.path.isabs(factory[key]):
+    for key in ("template_path", "vm_cache_endpoint", "template_persist_path"):
+        # template_persist_path may be "": persistence off.
+        if key in factory and not os.path.isabs(factory[key]) and (factory[key] or key != "template_persist_path"):
             raise ConfigError(f"{where}: factory.{key} = {factory[key]!r} must be an absolute path")
+    if factory.get("vm_cache_metrics_address"):
+        try:
+            split_address(factory["vm_cache_metrics_address"])
+        except ValueError as err:
+            raise ConfigError(f"{where}: factory.vm_cache_metrics_address: {err}") from err
     exporter = runtime.get("tracing_exporter", "console")
     if exporter not in ("console", "otlp"):
         raise ConfigError(f"{where}: runtime.tracing_exporter = {exporter!r} must be console or otlp")
@@ -160,4 +170,14 @@ def parse(text: str, where: str = EMBEDDED) -> RuntimeConfig:
         vm_cache_endpoint=factory.get("vm_cache_endpoint") or DEFAULT_VM_CACHE_ENDPOINT,
         vm_run_root=runtime.get("vm_run_root", "/run/vc/vm"),
         tracing=TracingConfig(runtime.get("enable_tracing", False), exporter, runtime.get("otlp_endpoint", "")),
+        template_persist_path=factory.get("template_persist_path", ""),
+        vm_cache_metrics_address=factory.get("vm_cache_metrics_address", ""),
     )
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" → (host, port); raises ValueError saying what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} must be host:port with a port from 1 to 65535, e.g. 127.0.0.1:9464")
+    return host.strip("[]") or "0.0.0.0", int(port)

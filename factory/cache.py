@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import time
 from typing import Callable
@@ -45,15 +46,34 @@ class _Slot:
     ready_at: float = 0.0
 
 
+class SlotState(enum.Enum):
+    BUILDING = "building"  # a VM is being made (or the slot waits for its refill)
+    READY = "ready"
+    FAILING = "failing"  # the last build failed; retrying with backoff
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSnapshot:
+    """One slot as status shows it."""
+    index: int
+    state: SlotState
+    vm_id: str
+    pid: int
+    failures: int  # in a row
+    last_error: str
+
+
 class CacheFactory(FactoryBase):
     def __init__(self, base: FactoryBase, count: int, get_timeout_s: float = GET_TIMEOUT_S,
-                 on_ready=None, park_disconnected: bool = False) -> None:
+                 on_ready=None, park_disconnected: bool = False,
+                 on_failure: Callable[[int, BaseException], None] | None = None) -> None:
         if count < 1:
             raise ValueError(f"cache size must be at least 1, got {count}")
         self.base = base
         self.count = count
         self.get_timeout_s = get_timeout_s
         self._on_ready = on_ready  # progress callback(slot_index, vm, seconds)
+        self._on_failure = on_failure  # callback(slot_index, exception) after a failed build
         # The VMCache server hands VMs to other processes, which connect QMP
         # and the agent themselves: letting go when parking keeps ~1 ms of
         # socket teardown off GetBaseVM.
@@ -86,6 +106,8 @@ class CacheFactory(FactoryBase):
             except Exception as err:  # keep serving: show it, back off, retry
                 slot.failures += 1
                 slot.last_error = str(err)
+                if self._on_failure:
+                    self._on_failure(slot.index, err)
                 log.error("cache slot %d: building a VM failed (%d in a row), retrying in %.0f s: %s",
                           slot.index, slot.failures, delay, err)
                 await asyncio.sleep(delay)
@@ -178,6 +200,15 @@ class CacheFactory(FactoryBase):
 
     def status(self) -> list[dict[str, int]]:
         return [s.vm.status() for s in self._slots if s.vm is not None]
+
+    def slots(self) -> list[SlotSnapshot]:
+        snapshots = []
+        for s in self._slots:
+            vm = s.vm
+            state = SlotState.READY if vm else SlotState.FAILING if s.failures else SlotState.BUILDING
+            snapshots.append(SlotSnapshot(s.index, state, vm.id if vm else "",
+                                          vm.hypervisor.state.pid if vm else 0, s.failures, s.last_error))
+        return snapshots
 
     def details(self) -> dict:
         return {

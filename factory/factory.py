@@ -35,6 +35,7 @@ class FactoryConfig:
     vm_cache_endpoint: str = "/var/run/kata-containers/cache.sock"
     vm_config: VMConfig = dataclasses.field(default_factory=VMConfig)
     run_root: str = DEFAULT_RUN_ROOT
+    template_persist_path: str = ""  # "": the template lives on tmpfs only
 
 
 def check_vm_config(base: VMConfig, request: VMConfig) -> None:
@@ -109,7 +110,7 @@ class Factory:
 
 
 async def new_factory(config: FactoryConfig, fetch_only: bool = False, ctx: Context | None = None,
-                      on_ready=None) -> Factory:
+                      on_ready=None, on_failure=None) -> Factory:
     """Chooses and builds the strategy (upstream NewFactory)."""
     with tracing.span(_TRACER, "NewFactory", ctx, subsystem="factory") as span_ctx:
         vm_config = config.vm_config.valid()
@@ -126,10 +127,12 @@ async def new_factory(config: FactoryConfig, fetch_only: bool = False, ctx: Cont
                 # A template that is there and fits is everyone's: the VMCache
                 # server after a restart, sandboxes while it is down.
                 base = await TemplateFactory.open_or_create(vm_config, config.template_path, config.run_root,
-                                                            span_ctx)
+                                                            span_ctx,
+                                                            persist_path=config.template_persist_path)
         else:
             base = DirectFactory(vm_config, config.run_root)
         if config.cache > 0:
             # With vm_cache set, this cache is the VMCache server's pool.
-            base = CacheFactory(base, config.cache, on_ready=on_ready, park_disconnected=config.vm_cache)
+            base = CacheFactory(base, config.cache, on_ready=on_ready, on_failure=on_failure,
+                                park_disconnected=config.vm_cache)
         return Factory(base, config.run_root)

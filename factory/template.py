@@ -14,12 +14,13 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
 from opentelemetry.context import Context
 
-from factory import memfile, ownership, reaper, tracing
+from factory import memfile, ownership, reaper, template_store, tracing
 from factory.ownership import OwnerKind
 from hostos import locks, mountinfo, mounts, safetree
 from factory.base import FactoryBase
@@ -109,6 +110,10 @@ class TemplateFactory(FactoryBase):
         self.run_root = run_root
         self.created = created  # this process made it (and so its owner removes it)
         self.punch_report: memfile.PunchReport | None = None
+        # How this process got the template (create): for status and metrics.
+        self.creation_seconds = 0.0
+        self.restored_from = ""  # the template_persist_path it was copied from, if any
+        self.persist_error = ""
 
     @property
     def memory_path(self) -> Path:
@@ -129,17 +134,19 @@ class TemplateFactory(FactoryBase):
 
     @classmethod
     async def create(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
-                     run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None) -> "TemplateFactory":
+                     run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None,
+                     persist_path: str = "") -> "TemplateFactory":
         """A new template; refuses to replace one that exists (see open_or_create)."""
         async with creation_lock(path):
             if cls(config, path, run_root).exists():
                 raise TemplateError(f"There is already a VM template in {path}; "
                                     "remove it with `kata-runtime factory destroy` first")
-            return await cls._create_locked(config, path, run_root, ctx)
+            return await cls._create_locked(config, path, run_root, ctx, persist_path)
 
     @classmethod
     async def open_or_create(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
-                             run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None) -> "TemplateFactory":
+                             run_root: str = DEFAULT_RUN_ROOT, ctx: Context | None = None,
+                             persist_path: str = "") -> "TemplateFactory":
         """The template in `path` if it matches `config`, else a new one in its place.
 
         One creator at a time: the others wait for the lock and then find the
@@ -153,12 +160,15 @@ class TemplateFactory(FactoryBase):
                 leftover = cls(config, path, run_root)
                 if leftover.path.exists():
                     log.warning("replacing the VM template in %s: %s", path, err)
-            return await cls._create_locked(config, path, run_root, ctx)
+            return await cls._create_locked(config, path, run_root, ctx, persist_path)
 
     @classmethod
     async def _create_locked(cls, config: VMConfig, path: str, run_root: str,
-                             ctx: Context | None) -> "TemplateFactory":
+                             ctx: Context | None, persist_path: str) -> "TemplateFactory":
+        """Makes the template in `path`: restored from `persist_path` when a matching copy is
+        saved there, else booted (and then saved there when `persist_path` is set)."""
         self = cls(config, path, run_root, created=True)
+        started = time.monotonic()
         with tracing.span(_TRACER, "template.New", ctx, subsystem="factory", path=path) as span_ctx:
             # A creator killed mid-way left its boot VM writing into the memory
             # file; the lock says it is dead, so stop that VM before reusing anything.
@@ -166,11 +176,33 @@ class TemplateFactory(FactoryBase):
             await self._clear_leftover()
             try:
                 self._prepare_files()
-                await self._boot_and_save(span_ctx)
+                if not (persist_path and self._restore(Path(persist_path))):
+                    await self._boot_and_save(span_ctx)
+                    if persist_path:
+                        self._persist(Path(persist_path))
             except BaseException:
                 await self.close()
                 raise
+        self.creation_seconds = time.monotonic() - started
         return self
+
+    def _restore(self, store: Path) -> bool:
+        why_not = template_store.differences(store, expected_metadata(self._config))
+        if why_not:
+            log.info("not restoring the template from %s, booting a new one: %s", store, "; ".join(why_not))
+            return False
+        template_store.restore(store, self.path)
+        self.restored_from = str(store)
+        return True
+
+    def _persist(self, store: Path) -> None:
+        # The tmpfs template works without its disk copy: a failed save costs
+        # a boot after the next reboot, not this server.
+        try:
+            template_store.save(self.path, store)
+        except TemplateError as err:
+            self.persist_error = str(err)
+            log.error("%s", err)
 
     @classmethod
     def fetch(cls, config: VMConfig, path: str = DEFAULT_TEMPLATE_PATH,
@@ -307,4 +339,7 @@ class TemplateFactory(FactoryBase):
             pass
         if self.punch_report:
             info["zero_pages_freed"] = self.punch_report.zero_pages_freed
+        if self.created:
+            info.update(creation_seconds=self.creation_seconds, restored_from=self.restored_from,
+                        persist_error=self.persist_error)
         return info

@@ -8,7 +8,8 @@ import time
 from typing import Sequence, TextIO
 
 import grpc
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from factory import reaper
 from factory.errors import FactoryError, TemplateError
@@ -18,6 +19,7 @@ from protocols.cache import cache_pb2, cache_pb2_grpc
 from configuration import loader
 from configuration.loader import RuntimeConfig
 from hostos import sockets
+from protocols.pool import pool_pb2_grpc
 from runtime import programs
 
 # How long destroy waits for the server to stop its VMs and remove its socket.
@@ -48,7 +50,8 @@ def init(config: RuntimeConfig, out: TextIO) -> int:
         os.execv(server, argv)
     if config.enable_template:
         # Idempotent: a template that is there and fits is kept.
-        asyncio.run(TemplateFactory.open_or_create(config.vm_config, config.template_path, config.vm_run_root))
+        asyncio.run(TemplateFactory.open_or_create(config.vm_config, config.template_path, config.vm_run_root,
+                                                   persist_path=config.template_persist_path))
         print("vm factory initialized", file=out)
         return 0
     print("vm factory or VMCache is not enabled", file=out)
@@ -117,7 +120,9 @@ def status(config: RuntimeConfig, out: TextIO, as_json: bool = False) -> int:
                 reply = stub.Status(empty_pb2.Empty(), timeout=RPC_TIMEOUT_S)
                 facts["vm_cache"] = {"endpoint": endpoint, "server_pid": reply.pid,
                                      "vms": [{"pid": v.pid, "cpu": v.cpu, "memory_mib": v.memory} for v in reply.vmstatus]}
-                if not as_json:
+                if as_json:
+                    facts["vm_cache"].update(_pool_details(channel))
+                else:
                     print(f"VM cache server pid = {reply.pid}", file=out)
                     for v in reply.vmstatus:
                         print(f"VM pid = {v.pid} Cpu = {v.cpu} Memory = {v.memory}MiB", file=out)
@@ -145,6 +150,24 @@ def status(config: RuntimeConfig, out: TextIO, as_json: bool = False) -> int:
     else:
         print(line, file=out)
     return 0
+
+
+def _pool_details(channel: grpc.Channel) -> dict:
+    """The server's health and pool.PoolService status; an older server may have neither."""
+    details: dict = {}
+    try:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT_S)
+        details["health"] = health_pb2.HealthCheckResponse.ServingStatus.Name(check.status)
+    except grpc.RpcError as err:
+        details["health"] = f"unknown: {err.details() or err.code().name}"
+    try:
+        pool = pool_pb2_grpc.PoolServiceStub(channel).Status(empty_pb2.Empty(), timeout=RPC_TIMEOUT_S)
+        details["pool"] = json_format.MessageToDict(pool, preserving_proto_field_name=True,
+                                                    always_print_fields_with_no_presence=True,
+                                                    unquote_int64_if_possible=True)
+    except grpc.RpcError as err:
+        details["pool"] = {"error": err.details() or err.code().name}
+    return details
 
 
 def run(config: RuntimeConfig, args: Sequence[str], out: TextIO, as_json: bool) -> int:

@@ -9,8 +9,9 @@ state=${KATA_VMFACTORY_STATE:-/var/cache/kata-vmfactory}
 venv=${KATA_VMFACTORY_VENV:-$state/venv}
 
 # bazel-bootstrap is Debian's Bazel 4.2.3 (the newest reachable offline);
-# busybox-static and cpio go into the guest image.
-apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio python3-venv)
+# busybox-static and cpio go into the guest image; systemd brings
+# systemd-analyze, which checks the VMCache unit (minimal images lack it).
+apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio python3-venv systemd)
 
 step() { printf 'bootstrap: %s\n' "$*" >&2; }
 

@@ -20,6 +20,7 @@ from factory.errors import ConfigError
 from factory.factory import new_factory
 from configuration.loader import RuntimeConfig
 from vmcache import endpoint
+from vmcache.operations import Operations
 from vmcache.service import CacheService
 
 # In-flight calls get this long to finish when the server stops.
@@ -36,16 +37,20 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
         tracing.setup(config.tracing.exporter, "kata-vmcache", config.tracing.otlp_endpoint)
     path = config.vm_cache_endpoint
     endpoint.claim(path)
+    ops = Operations(config)  # before the template: a taken metrics port fails fast
     # A predecessor killed without cleaning up left its pool (and perhaps a
     # template boot) running: those owners are dead, so stop their VMs now.
-    for reaped in await asyncio.to_thread(reaper.reap, config.vm_run_root):
+    reaped_vms = await asyncio.to_thread(reaper.reap, config.vm_run_root)
+    for reaped in reaped_vms:
         print(f"vmcache: {reaped.describe()}", file=progress, flush=True)
+    ops.orphans_reaped(len(reaped_vms))
     started = time.monotonic()
     ready = 0
 
     def on_ready(slot: int, vm, seconds: float) -> None:
         nonlocal ready
         ready += 1
+        ops.vm_built(slot, vm, seconds)
         print(f"vmcache: VM {vm.id} ready in {seconds:.2f} s (slot {slot}, pid {vm.hypervisor.state.pid}, "
               f"{ready} made since start, {time.monotonic() - started:.1f} s)", file=progress, flush=True)
 
@@ -60,25 +65,32 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     making = asyncio.ensure_future(new_factory(config.factory_config(cache=config.vm_cache_number, vm_cache=True),
-                                               on_ready=on_ready))
+                                               on_ready=on_ready, on_failure=ops.vm_build_failed))
     stop_wait = asyncio.ensure_future(stopping.wait())
     await asyncio.wait({making, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     if not making.done():
         making.cancel()  # the template's own cleanup runs on cancellation
         await asyncio.gather(making, return_exceptions=True)
         print("vmcache: stopped before the pool was ready", file=progress, flush=True)
+        await ops.close()
         return
     stop_wait.cancel()
+    if making.exception():
+        await ops.close()
     factory = making.result()
+    ops.attach(factory)
+    print(f"vmcache: {ops.template_summary()}", file=progress, flush=True)
     server = grpc.aio.server()
     try:
-        server.add_generic_rpc_handlers([CacheService(factory, stopping.set).handler()])
+        server.add_generic_rpc_handlers([CacheService(factory, stopping.set, ops.vm_handed_out).handler()])
+        ops.add_services(server)
         server.add_insecure_port(f"unix:{path}")
         await server.start()
         os.chmod(path, 0o600)
         print(f"vmcache: VM cache server start, endpoint {path}", file=progress, flush=True)
         await stopping.wait()
     finally:
+        await ops.close()
         await server.stop(STOP_GRACE_S)
         await factory.close()
         endpoint.release(path)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from typing import Callable
 
 import grpc
@@ -53,9 +54,11 @@ def _claimant(context: grpc.aio.ServicerContext) -> Owner | None:
 
 
 class CacheService:
-    def __init__(self, factory: Factory, on_quit: Callable[[], None]) -> None:
+    def __init__(self, factory: Factory, on_quit: Callable[[], None],
+                 on_handed_out: Callable[[float], None] = lambda seconds: None) -> None:
         self.factory = factory
         self._on_quit = on_quit
+        self._on_handed_out = on_handed_out  # metrics: GetBaseVM's duration
         config = factory.config()
         # Computed once, as upstream: the base config does not change.
         self._config_reply = cache_pb2.GrpcVMConfig(
@@ -66,6 +69,7 @@ class CacheService:
         return self._config_reply
 
     async def get_base_vm(self, request: empty_pb2.Empty, context) -> bytes:
+        started = time.perf_counter()
         with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(context), subsystem="vmcache") as ctx:
             refill: Callable[[], None] = lambda: None
             try:
@@ -97,6 +101,7 @@ class CacheService:
                     asyncio.ensure_future(vm.stop())
 
             context.add_done_callback(done)
+            self._on_handed_out(time.perf_counter() - started)
             return reply
 
     async def status(self, request: empty_pb2.Empty, context) -> cache_pb2.GrpcStatus:

@@ -25,7 +25,7 @@ from factory.ownership import Owner, OwnerKind
 from factory.template import TemplateFactory
 from factory.vm import VM
 from hostos import process
-from runtime.config import loader
+from configuration import loader
 from tests.integration.vmcache_server import Server
 from tests.integration.vmtest import base_config, mounts_under, write_config
 
