@@ -17,7 +17,7 @@ from factory import ownership
 from factory.hypervisor.qemu import STOP_GRACE_S
 from factory.hypervisor.rundir import RunDir
 from factory.ownership import Owner, OwnerKind
-from hostos import mounts, process
+from hostos import mountinfo, mounts, process
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,12 @@ def reap_one(run: RunDir, owner: Owner) -> Reaped:
     process.kill_mentioning(str(run.path) + "/", STOP_GRACE_S)
     # A container's rootfs is bind-mounted below the share: deleting through
     # a live bind mount would delete the user's files.
-    for point in mounts.mounts_under(str(run.path)):
-        mounts.unmount_lazy(point)
+    # Each by the mount ID it has now, never by a path a guest could have moved something onto.
+    for mount in mountinfo.mounts_below(str(run.path)):
+        try:
+            mounts.unmount_recorded(mount.mount_point, mount.mount_id)
+        except OSError as err:  # run.remove() then refuses to cross it: the host loses nothing
+            log.error("cannot unmount %s of orphan %s: %s", mount.mount_point, run.vm_id, err)
     run.remove()
     reaped = Reaped(run.vm_id, owner, stopped)
     log.warning("reaped orphan %s", reaped.describe())

@@ -70,17 +70,34 @@ def _acquire_once(path: str) -> int | None:
         os.close(fd)  # locked a file its holder removed: take the new one
 
 
+def acquire(path: str, timeout_s: float) -> int:
+    """An fd holding the exclusive lock on `path` (created if missing); LockTimeoutError after
+    `timeout_s`. Closing the fd (or the death of every process holding a copy) releases it, so the
+    fd can be handed to a child that must keep the lock."""
+    deadline = time.monotonic() + timeout_s
+    while (fd := _acquire_once(path)) is None:
+        if time.monotonic() >= deadline:
+            raise _timeout(path, timeout_s)
+        time.sleep(POLL_S)
+    return fd
+
+
+def remove(path: str) -> None:
+    """Unlinks the lock file; call it holding the lock. Waiters on the old file then take a new
+    one (see _acquire_once), so removing a lock never lets two holders in at once."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 @contextlib.contextmanager
 def exclusive(path: str, timeout_s: float) -> Iterator[None]:
     """Holds an exclusive flock on `path` (created if missing), waiting at most `timeout_s`.
 
     The holder may unlink `path` before leaving; later lockers then use a new file.
     """
-    deadline = time.monotonic() + timeout_s
-    while (fd := _acquire_once(path)) is None:
-        if time.monotonic() >= deadline:
-            raise _timeout(path, timeout_s)
-        time.sleep(POLL_S)
+    fd = acquire(path, timeout_s)
     try:
         yield
     finally:

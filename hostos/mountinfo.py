@@ -56,6 +56,13 @@ def top_mount_at(path: str) -> Mount | None:
     return found
 
 
+def mounts_below(path: str) -> list[Mount]:
+    """Mounts at or below `path` (absolute, normalised), deepest first: the order to unmount them."""
+    root = path.rstrip("/")
+    found = [m for m in mounts() if m.mount_point == root or m.mount_point.startswith(root + "/")]
+    return sorted(found, key=lambda m: m.mount_point.count("/"), reverse=True)
+
+
 def fd_mount_id(fd: int) -> int:
     """The ID of the mount an open file lives on (fdinfo's mnt_id, Linux >= 3.15): unlike st_dev it
     tells two bind mounts of one filesystem apart."""

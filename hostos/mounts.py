@@ -4,7 +4,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import re
 
 from hostos import mountinfo
 
@@ -91,20 +90,3 @@ def unmount_lazy(path: str) -> None:
 
 def is_mountpoint(path: str) -> bool:
     return os.path.ismount(path)
-
-
-def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as octal escapes.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts_under(path: str) -> list[str]:
-    """Mount points at or below `path` in this mount namespace, deepest first (the order to unmount)."""
-    root = os.path.realpath(path).rstrip("/")
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = _unescape(line.split()[4])
-            if point == root or point.startswith(root + "/"):
-                found.append(point)
-    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hostos import flock
+from hostos import locks
 from runtime.errors import KataRuntimeError
 
 DEFAULT_ROOT = "/run/kata-vmfactory"
@@ -77,14 +77,14 @@ class StateStore:
         self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
         path = self.root / f"{container_id}.lock"
         try:
-            return flock.acquire(str(path), LOCK_TIMEOUT_S)
-        except flock.LockTimeoutError:
+            return locks.acquire(str(path), LOCK_TIMEOUT_S)
+        except locks.LockTimeoutError:
             raise ContainerError(f"container {container_id!r} is still locked by another command after "
                                  f"{LOCK_TIMEOUT_S:.0f} s ({path}); retry when it has finished") from None
 
     def remove_lock(self, container_id: str) -> None:
         """Removes the lock file of a container that is gone; call it holding the lock."""
-        flock.remove(str(self.root / f"{container_id}.lock"))
+        locks.remove(str(self.root / f"{container_id}.lock"))
 
     def reserve(self, container_id: str) -> Path:
         """Creates the container's directory; a duplicate id is refused."""

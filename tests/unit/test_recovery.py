@@ -28,6 +28,10 @@ WAIT_S = 30.0
 def run_root():
     with tempfile.TemporaryDirectory(prefix="kvr-", dir="/tmp") as root:
         yield root
+        # A run directory's share is a read-only bind mount: only RunDir.remove takes it away.
+        for name in os.listdir(root):
+            if os.path.exists(os.path.join(root, name, "shared.mount")):
+                RunDir(Path(root), name).remove()
 
 
 def _dead_owner(kind: OwnerKind = OwnerKind.POOL) -> Owner:
@@ -62,7 +66,7 @@ def test_owner_record_round_trips_and_names_the_acting_kind(run_root):
     assert owner == Owner(OwnerKind.CONTAINER, os.getpid(), process.start_time(os.getpid()), "c1")
     assert owner.is_alive()
     assert ownership.current().kind is OwnerKind.DIRECT  # reset after the block
-    assert set(os.listdir(run.path)) == {"shared", "owner.json"}  # no temporary file left
+    assert set(os.listdir(run.path)) == {"shared", "shared.rw", "shared.mount", "owner.json"}  # no temporary file
 
 
 def test_a_recycled_pid_is_not_the_owner():
@@ -99,19 +103,20 @@ def test_reaper_filters_by_kind(run_root):
 def test_reaper_never_deletes_through_a_bind_mount(run_root):
     if os.geteuid() != 0:
         pytest.skip("bind mounts need root")
-    from hostos import mounts
+    from hostos import mountinfo, mounts
     with tempfile.TemporaryDirectory(prefix="kvr-canary-", dir="/tmp") as host:
         canary = Path(host) / "canary"
         canary.write_text("host data")
         run = _vm_dir(run_root, "orphan", _dead_owner(OwnerKind.CONTAINER))
+        # As the shim lays it out: made in the host's writable view, mounted in the exported one.
+        (run.shared_writable_dir / "c1" / "rootfs").mkdir(parents=True)
         share = run.shared_dir / "c1" / "rootfs"
-        share.mkdir(parents=True)
         mounts.bind(host, str(share), readonly=False)
         try:
             reaper.reap(run_root)
         finally:
-            for point in mounts.mounts_under(str(run.path)):
-                mounts.unmount_lazy(point)
+            for mount in mountinfo.mounts_below(str(run.path)):
+                mounts.unmount_lazy(mount.mount_point)
         assert canary.read_text() == "host data"
         assert not run.exists()
 

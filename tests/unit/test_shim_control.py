@@ -10,7 +10,7 @@ import threading
 import pytest
 from hypothesis import given, strategies as st
 
-from hostos import flock
+from hostos import locks
 from runtime.sandbox import control
 from runtime.sandbox.state import ContainerError, StateStore
 
@@ -121,17 +121,17 @@ def test_commands_on_one_container_take_turns(tmp_path):
 
 def test_removing_a_held_lock_file_never_admits_two_holders(tmp_path):
     path = str(tmp_path / "c1.lock")
-    first = flock.acquire(path, 1)
+    first = locks.acquire(path, 1)
     waiting: dict[str, int] = {}
-    waiter = threading.Thread(target=lambda: waiting.update(fd=flock.acquire(path, 10)))
+    waiter = threading.Thread(target=lambda: waiting.update(fd=locks.acquire(path, 10)))
     waiter.start()
-    flock.remove(path)  # the holder deletes the container, then releases
+    locks.remove(path)  # the holder deletes the container, then releases
     os.close(first)
     waiter.join(10)
     # The waiter woke on the unlinked inode, saw it, and took the lock on a new file at `path`.
     assert os.fstat(waiting["fd"]).st_ino == os.stat(path).st_ino
-    with pytest.raises(flock.LockTimeoutError):
-        flock.acquire(path, 0.05)
+    with pytest.raises(locks.LockTimeoutError):
+        locks.acquire(path, 0.05)
     os.close(waiting["fd"])
 
 
