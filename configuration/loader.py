@@ -103,7 +103,7 @@ def _typed(where: str, key: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _section(where: str, data: dict, name: str, allowed: set[str]) -> dict:
+def _section(where: str, data: dict[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
     section = data.get(name, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: [{name}] must be a table, got {section!r}")

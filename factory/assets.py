@@ -4,6 +4,7 @@ The initramfs is a Bazel output that binaries and tests carry in their
 runfiles, next to this package; the kernel comes from the bootstrap's cache.
 """
 import json
+from typing import Any, cast
 import os
 from pathlib import Path
 
@@ -23,9 +24,9 @@ def default_initrd_path() -> str:
     return os.path.realpath(_RUNFILES_ROOT / "guest" / "initramfs.cpio.gz")
 
 
-def kernel_info() -> dict:
+def kernel_info() -> dict[str, Any]:
     """What tools/guest_kernel.py recorded about the installed guest kernel ({} when none)."""
     try:
-        return json.loads((KERNEL_DIR / "kernel.json").read_text())
+        return cast(dict[str, Any], json.loads((KERNEL_DIR / "kernel.json").read_text()))
     except (OSError, ValueError):
         return {}

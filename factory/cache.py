@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from opentelemetry.context import Context
 
@@ -65,7 +65,7 @@ class SlotSnapshot:
 
 class CacheFactory(FactoryBase):
     def __init__(self, base: FactoryBase, count: int, get_timeout_s: float = GET_TIMEOUT_S,
-                 on_ready=None, park_disconnected: bool = False,
+                 on_ready: Callable[[int, VM, float], None] | None = None, park_disconnected: bool = False,
                  on_failure: Callable[[int, BaseException], None] | None = None) -> None:
         if count < 1:
             raise ValueError(f"cache size must be at least 1, got {count}")
@@ -210,7 +210,7 @@ class CacheFactory(FactoryBase):
                                           vm.hypervisor.state.pid if vm else 0, s.failures, s.last_error))
         return snapshots
 
-    def details(self) -> dict:
+    def details(self) -> dict[str, Any]:
         return {
             "strategy": "cache",
             "size": self.count,

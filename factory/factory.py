@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any, Callable
 
 from opentelemetry.context import Context
 
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 
 # Fields a factory VM may differ in from the request: sizes are hot-plugged,
 # template fields are the factory's business.
-_IGNORED_HYPERVISOR_FIELDS = dict(num_vcpus=0, memory_mib=0, boot_to_be_template=False,
-                                  boot_from_template=False, memory_path="", devices_state_path="")
+_IGNORED_HYPERVISOR_FIELDS: dict[str, Any] = dict(num_vcpus=0, memory_mib=0, boot_to_be_template=False,
+                                                  boot_from_template=False, memory_path="", devices_state_path="")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,8 @@ class Factory:
 
 
 async def new_factory(config: FactoryConfig, fetch_only: bool = False, ctx: Context | None = None,
-                      on_ready=None, on_failure=None) -> Factory:
+                      on_ready: Callable[[int, VM, float], None] | None = None,
+                      on_failure: Callable[[int, BaseException], None] | None = None) -> Factory:
     """Chooses and builds the strategy (upstream NewFactory)."""
     with tracing.span(_TRACER, "NewFactory", ctx, subsystem="factory") as span_ctx:
         vm_config = config.vm_config.valid()

@@ -7,6 +7,7 @@ paused VM the server hands over, then get_vm post-processes it as any other.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
@@ -95,5 +96,5 @@ class GrpcCacheFactory(FactoryBase):
     async def close(self, ctx: Context | None = None) -> None:
         await self._channel.close()
 
-    def details(self) -> dict:
+    def details(self) -> dict[str, Any]:
         return {"strategy": "grpccache", "endpoint": self.endpoint}

@@ -18,7 +18,7 @@ import enum
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from hostos import process
 
@@ -42,12 +42,12 @@ class Owner:
     def is_alive(self) -> bool:
         return process.is_alive(self.pid, self.start_time)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "pid": self.pid, "start_time": self.start_time,
                 "container_id": self.container_id}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Owner":
+    def from_dict(cls, data: dict[str, Any]) -> "Owner":
         return cls(OwnerKind(data["kind"]), int(data["pid"]), int(data["start_time"]),
                    str(data.get("container_id", "")))
 

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from opentelemetry.context import Context
 
@@ -62,7 +62,7 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def expected_metadata(config: VMConfig) -> dict:
+def expected_metadata(config: VMConfig) -> dict[str, Any]:
     """What a clone booted from `config` must share with the template."""
     hv = config.hypervisor
     # The device list as QEMU would get it: a clone with different devices
@@ -330,8 +330,8 @@ class TemplateFactory(FactoryBase):
                 pass
             return existed
 
-    def details(self) -> dict:
-        info = {"strategy": "template", "path": str(self.path)}
+    def details(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"strategy": "template", "path": str(self.path)}
         try:
             info["metadata"] = json.loads(self.metadata_path.read_text())
             info["memory"] = memfile.residency(str(self.memory_path))

@@ -8,7 +8,7 @@ protobuf does, so a newer peer's extra fields are harmless.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class GrpcVMFields(NamedTuple):
@@ -73,7 +73,8 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def decode_grpc_vm(data: bytes) -> GrpcVMFields:
-    fields = {1: "", 2: b"", 3: 0, 4: "", 5: 0, 6: 0, 7: 0}
+    # Field number -> value; typed as the NamedTuple fields they become.
+    fields: dict[int, Any] = {1: "", 2: b"", 3: 0, 4: "", 5: 0, 6: 0, 7: 0}
     pos, end = 0, len(data)
     while pos < end:
         key, pos = _read_varint(data, pos)

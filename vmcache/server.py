@@ -18,6 +18,7 @@ import grpc
 from factory import reaper, tracing
 from factory.errors import ConfigError
 from factory.factory import new_factory
+from factory.vm import VM
 from configuration.loader import RuntimeConfig
 from vmcache import endpoint
 from vmcache.operations import Operations
@@ -47,7 +48,7 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
     started = time.monotonic()
     ready = 0
 
-    def on_ready(slot: int, vm, seconds: float) -> None:
+    def on_ready(slot: int, vm: VM, seconds: float) -> None:
         nonlocal ready
         ready += 1
         ops.vm_built(slot, vm, seconds)

@@ -10,11 +10,12 @@ import json
 import logging
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 from google.protobuf import empty_pb2
 from opentelemetry import propagate
+from opentelemetry.context import Context
 
 from factory import tracing
 from factory.cache import CacheFactory
@@ -33,17 +34,21 @@ _TRACER = "kata_vmfactory.vmcache"
 log = logging.getLogger(__name__)
 
 
+# The servicer context of every handler here (raw bytes out for GetBaseVM, messages otherwise).
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+
 def grpc_vm_bytes(vm: VM) -> bytes:
     hypervisor = json.dumps(vm.hypervisor.state.to_dict(), sort_keys=True).encode()
     return vmstate.encode_grpc_vm(vm.id, hypervisor, 0, "", vm.cpu, vm.memory_mib, vm.cpu_delta)
 
 
-def _trace_context(context: grpc.aio.ServicerContext):
+def _trace_context(context: _Context) -> Context:
     # The client's span travels as W3C traceparent metadata.
     return propagate.extract({k: v for k, v in context.invocation_metadata() or ()})
 
 
-def _claimant(context: grpc.aio.ServicerContext) -> Owner | None:
+def _claimant(context: _Context) -> Owner | None:
     """The live caller a GetBaseVM names as the VM's next owner, if it names one."""
     metadata = dict(context.invocation_metadata() or ())
     try:
@@ -59,16 +64,17 @@ class CacheService:
         self.factory = factory
         self._on_quit = on_quit
         self._on_handed_out = on_handed_out  # metrics: GetBaseVM's duration
+        self._stopping: set[asyncio.Task[None]] = set()
         config = factory.config()
         # Computed once, as upstream: the base config does not change.
         self._config_reply = cache_pb2.GrpcVMConfig(
             Data=config.to_json(),
             AgentConfig=json.dumps(config.to_dict()["agent"], sort_keys=True).encode())
 
-    async def config(self, request: empty_pb2.Empty, context) -> cache_pb2.GrpcVMConfig:
+    async def config(self, request: empty_pb2.Empty, context: _Context) -> cache_pb2.GrpcVMConfig:
         return self._config_reply
 
-    async def get_base_vm(self, request: empty_pb2.Empty, context) -> bytes:
+    async def get_base_vm(self, request: empty_pb2.Empty, context: _Context) -> bytes:
         started = time.perf_counter()
         with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(context), subsystem="vmcache") as ctx:
             refill: Callable[[], None] = lambda: None
@@ -92,23 +98,26 @@ class CacheService:
                 await vm.stop()
                 raise
 
-            def done(call) -> None:
+            def done(call: Any) -> None:  # the finished call: cancelled() tells a client that left
                 refill()  # after the reply: starting a QEMU blocks the loop
                 # A client that went away mid-call never receives the VM:
                 # stop it rather than leave a QEMU nobody owns.
                 if call.cancelled():
                     log.warning("client left before receiving VM %s; stopping it", vm.id)
-                    asyncio.ensure_future(vm.stop())
+                    task = asyncio.ensure_future(vm.stop())
+                    self._stopping.add(task)  # owned until done: a dropped task may never run
+                    task.add_done_callback(self._stopping.discard)
 
-            context.add_done_callback(done)
+            # types-grpcio declares a class here; grpc takes any callable of the call.
+            context.add_done_callback(done)  # type: ignore[arg-type]
             self._on_handed_out(time.perf_counter() - started)
             return reply
 
-    async def status(self, request: empty_pb2.Empty, context) -> cache_pb2.GrpcStatus:
+    async def status(self, request: empty_pb2.Empty, context: _Context) -> cache_pb2.GrpcStatus:
         return cache_pb2.GrpcStatus(pid=os.getpid(), vmstatus=[
             cache_pb2.GrpcVMStatus(pid=s["pid"], cpu=s["cpu"], memory=s["memory"]) for s in self.factory.status()])
 
-    async def quit(self, request: empty_pb2.Empty, context) -> empty_pb2.Empty:
+    async def quit(self, request: empty_pb2.Empty, context: _Context) -> empty_pb2.Empty:
         log.info("VM cache server will stop after %.0f second", QUIT_DELAY_S)
         asyncio.get_running_loop().call_later(QUIT_DELAY_S, self._on_quit)
         return empty_pb2.Empty()

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence, cast
 
 from opentelemetry.context import Context
 
@@ -40,13 +40,13 @@ class AgentClient:
         self.socket_path = socket_path
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._read_task: asyncio.Task | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self._read_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._closed_error: Exception | None = None
-        self.events: asyncio.Queue = asyncio.Queue(MAX_QUEUED_EVENTS)
+        self.events: asyncio.Queue[agent_pb2.Event | _ConnectionLost] = asyncio.Queue(MAX_QUEUED_EVENTS)
         # Put on `events` after the last event of a lost connection (see next_event).
-        self._end_of_events: asyncio.Task | None = None
+        self._end_of_events: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -88,9 +88,11 @@ class AgentClient:
     async def _read_loop(self) -> None:
         decoder = framing.FrameDecoder()
         error: Exception = AgentError(f"agent socket {self.socket_path} closed")
+        reader = self._reader
+        assert reader is not None, "_read_loop runs only after connect"
         try:
             while True:
-                chunk = await self._reader.read(65536)
+                chunk = await reader.read(65536)
                 if not chunk:
                     break
                 for item in decoder.feed(chunk):
@@ -161,11 +163,13 @@ class AgentClient:
     # ---- requests ------------------------------------------------------------
 
     async def check(self, timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> agent_pb2.CheckReply:
-        return await self._call("Check", "check", agent_pb2.CheckRequest(), timeout_s, ctx)
+        return cast(agent_pb2.CheckReply, await self._call("Check", "check", agent_pb2.CheckRequest(), timeout_s, ctx))
 
     async def get_guest_details(self, timeout_s: float = REQUEST_TIMEOUT_S,
                                 ctx: Context | None = None) -> agent_pb2.GetGuestDetailsReply:
-        return await self._call("GetGuestDetails", "get_guest_details", agent_pb2.GetGuestDetailsRequest(), timeout_s, ctx)
+        reply = await self._call("GetGuestDetails", "get_guest_details", agent_pb2.GetGuestDetailsRequest(),
+                                 timeout_s, ctx)
+        return cast(agent_pb2.GetGuestDetailsReply, reply)
 
     async def reseed_random_dev(self, data: bytes, timeout_s: float = REQUEST_TIMEOUT_S,
                                 ctx: Context | None = None) -> None:
@@ -179,12 +183,14 @@ class AgentClient:
     async def online_cpu_mem(self, nb_cpus: int = 0, cpu_only: bool = False, wait: bool = False,
                              timeout_s: float = REQUEST_TIMEOUT_S,
                              ctx: Context | None = None) -> agent_pb2.OnlineCPUMemReply:
-        return await self._call("OnlineCPUMem", "online_cpu_mem",
-                                agent_pb2.OnlineCPUMemRequest(nb_cpus=nb_cpus, cpu_only=cpu_only, wait=wait), timeout_s, ctx)
+        reply = await self._call("OnlineCPUMem", "online_cpu_mem",
+                                 agent_pb2.OnlineCPUMemRequest(nb_cpus=nb_cpus, cpu_only=cpu_only, wait=wait),
+                                 timeout_s, ctx)
+        return cast(agent_pb2.OnlineCPUMemReply, reply)
 
     async def read_random(self, length: int, timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> bytes:
         reply = await self._call("ReadRandom", "read_random", agent_pb2.ReadRandomRequest(length=length), timeout_s, ctx)
-        return reply.data
+        return bytes(reply.data)
 
     # ---- processes -----------------------------------------------------------
     # Output and exits arrive as ProcessOutput / ProcessExited events: read them with next_event.
@@ -208,9 +214,9 @@ class AgentClient:
                              additional_gids: list[int], rootfs: str, rootfs_readonly: bool = False,
                              hostname: str = "", open_stdin: bool = False, *,
                              container_exec_id: str = "", capabilities: dict[str, list[str]] | None = None,
-                             rlimits: list[tuple[str, int, int]] = (), no_new_privileges: bool = False,
-                             mounts: list[dict[str, Any]] = (), readonly_paths: list[str] = (),
-                             masked_paths: list[str] = (), guest_root: bool = False,
+                             rlimits: Sequence[tuple[str, int, int]] = (), no_new_privileges: bool = False,
+                             mounts: Sequence[dict[str, Any]] = (), readonly_paths: Sequence[str] = (),
+                             masked_paths: Sequence[str] = (), guest_root: bool = False,
                              timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> int:
         """Creates the process in the guest, contained and waiting for start_process; returns its guest pid.
 
@@ -233,7 +239,7 @@ class AgentClient:
             for field in ("bounding", "effective", "permitted", "inheritable", "ambient"):
                 getattr(request.capabilities, field).extend(capabilities.get(field, []))
         reply = await self._call("CreateProcess", "create_process", request, timeout_s, ctx)
-        return reply.pid
+        return int(reply.pid)
 
     async def start_process(self, exec_id: str, timeout_s: float = REQUEST_TIMEOUT_S,
                             ctx: Context | None = None) -> None:
@@ -245,7 +251,7 @@ class AgentClient:
         container may rightly run for days."""
         reply = await self._call("WaitProcess", "wait_process", agent_pb2.WaitProcessRequest(exec_id=exec_id),
                                  timeout_s, ctx)
-        return reply.exit_status
+        return int(reply.exit_status)
 
     async def signal_process(self, exec_id: str, signal: int, timeout_s: float = REQUEST_TIMEOUT_S,
                              ctx: Context | None = None) -> None:

@@ -176,7 +176,7 @@ class Qemu:
             await self._qmp_or_fail().execute("cont")
 
     async def run_status(self) -> str:
-        return (await self._qmp_or_fail().execute("query-status"))["status"]
+        return str((await self._qmp_or_fail().execute("query-status"))["status"])
 
     async def save_template(self, state_path: str, ctx: Context | None = None) -> None:
         """Writes the paused VM's device state (not its RAM: that is the shared file)."""
