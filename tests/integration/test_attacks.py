@@ -88,7 +88,8 @@ def _assert_rootfs_intact(rootfs: str, before: dict[str, str]) -> None:
 async def _guest_root_sh(vm: VM, exec_id: str, script: str) -> tuple[bytes, int]:
     """Runs `script` as guest root outside any container: the guest escaped."""
     await vm.agent.create_process(exec_id=exec_id, args=["/bin/sh", "-c", script], env=["PATH=/bin"], cwd="/",
-                                  uid=0, gid=0, additional_gids=[], rootfs="/")
+                                  uid=0, gid=0, additional_gids=[], rootfs="",
+                                  guest_root=True)
     await vm.agent.start_process(exec_id)
     output = b""
     while True:

@@ -18,10 +18,8 @@ import pytest
 from factory.errors import AgentError
 from factory.vm import VM
 from tests.integration.bundles import make_bundle
-from tests.integration.vmtest import write_config
+from tests.integration.vmtest import GUEST_SHARED, SHARED_TAG, share_rootfs, write_config
 
-SHARED_TAG = "kataShared"
-GUEST_SHARED = "/run/kata-containers/shared"
 EXTRA_APPLETS = ("head", "wc", "grep", "mknod", "mkdir", "readlink", "find", "kill", "ps", "stat", "ln", "rm")
 # The host drops this file in the share's root: only the share root, never a container's rootfs.
 SHARE_CANARY = "share-root-canary"
@@ -29,16 +27,14 @@ RUNTIME = "runtime/kata-runtime"
 
 
 def _rootfs(vm: VM, container_id: str) -> str:
-    bundle = vm.hypervisor.run.shared_dir / container_id
-    make_bundle(str(bundle), ["true"])
-    rootfs = bundle / "rootfs"
+    rootfs, guest_path = share_rootfs(vm, container_id)
     for applet in EXTRA_APPLETS:
         os.symlink("/bin/busybox", rootfs / "bin" / applet)
     (rootfs / "container-marker").write_text("")
     (rootfs / "data").mkdir()
     (rootfs / "data" / "in-data").write_text("data\n")
-    (vm.hypervisor.run.shared_dir / SHARE_CANARY).write_text("")
-    return f"{GUEST_SHARED}/{container_id}/rootfs"
+    (vm.hypervisor.run.shared_writable_dir / SHARE_CANARY).write_text("")
+    return guest_path
 
 
 def _process(exec_id: str, script: str, rootfs: str, **overrides) -> dict:

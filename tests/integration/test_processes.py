@@ -11,22 +11,12 @@ import pytest
 
 from factory.errors import AgentError
 from factory.vm import VM
-from hostos import mounts
-from tests.integration.bundles import make_bundle
-from tests.integration.vmtest import base_config
+from tests.integration.vmtest import GUEST_SHARED, SHARED_TAG, base_config, share_rootfs
 
-SHARED_TAG = "kataShared"
-GUEST_SHARED = "/run/kata-containers/shared"
 
 
 def _rootfs(vm: VM, container_id: str) -> str:
-    """A busybox rootfs in the VM's share; returns its guest path. The export is read-only to the
-    guest but for rootfs binds, as the shim makes them; removing the run directory undoes it."""
-    run = vm.hypervisor.run
-    make_bundle(str(run.shared_writable_dir / container_id), ["true"])
-    rootfs = str(run.shared_writable_dir / container_id / "rootfs")
-    mounts.bind_recorded(rootfs, str(run.shared_dir / container_id / "rootfs"), readonly=False, nosuid_nodev=True)
-    return f"{GUEST_SHARED}/{container_id}/rootfs"
+    return share_rootfs(vm, container_id)[1]
 
 
 def _process(exec_id: str, args: list[str], rootfs: str, **overrides) -> dict:

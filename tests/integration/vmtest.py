@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 from factory.config import AgentConfig, HypervisorConfig, VMConfig
+from factory.vm import VM
+from hostos import mounts
 from hostos.process import pids_mentioning as processes_mentioning
+from tests.integration.bundles import make_bundle
 
 # Small guests keep the suite's tmpfs and memory use low on 2-core CI machines.
 TEST_MEMORY_MIB = 512
@@ -46,6 +49,22 @@ vm_cache_endpoint = "{root}/cache.sock"
 vm_run_root = "{root}/vm"
 """)
     return path
+
+
+# Where the guest mounts the VM's 9p share, as the shim asks it to.
+GUEST_SHARED = "/run/kata-containers/shared"
+SHARED_TAG = "kataShared"
+
+
+def share_rootfs(vm: VM, container_id: str, args: list[str] | None = None) -> tuple[Path, str]:
+    """A busybox rootfs in the VM's share, laid out as the shim does it: made in the host's writable
+    view, bind-mounted into the (read-only to the guest) export. Returns the host path to write
+    into and the guest path; removing the run directory undoes the mount."""
+    run = vm.hypervisor.run
+    make_bundle(str(run.shared_writable_dir / container_id), args or ["true"])
+    rootfs = run.shared_writable_dir / container_id / "rootfs"
+    mounts.bind_recorded(str(rootfs), str(run.shared_dir / container_id / "rootfs"), readonly=False, nosuid_nodev=True)
+    return rootfs, f"{GUEST_SHARED}/{container_id}/rootfs"
 
 
 def short_tempdir(prefix: str) -> str:
