@@ -10,10 +10,11 @@ import asyncio
 import os
 import time
 import uuid
+from typing import Any
 
 from opentelemetry.context import Context
 
-from factory import ownership, tracing
+from factory import ownership, sharedfs, tracing
 from factory.agent.client import AgentClient
 from factory.config import VMConfig
 from factory.errors import AgentError, AgentTimeoutError, BootError
@@ -132,6 +133,27 @@ class VM:
     async def save(self, state_path: str, ctx: Context | None = None) -> None:
         await self.hypervisor.save_template(state_path, ctx)
 
+    async def share_rootfs(self, container_id: str, rootfs: str, readonly: bool,
+                           ctx: Context | None = None) -> sharedfs.RootfsShare:
+        """Binds a host rootfs into this VM's share (the only part of it the guest may write) and
+        has the guest mount the share; unbind with sharedfs.unbind_rootfs from the returned record."""
+        share = sharedfs.bind_rootfs(self.hypervisor.run, container_id, rootfs, readonly)
+        try:
+            await self.agent.mount_shared(sharedfs.SHARED_FS_TAG, sharedfs.GUEST_SHARED_DIR, ctx=ctx)
+        except BaseException:
+            sharedfs.unbind_rootfs(share.mount_point, share.mount_id)
+            raise
+        return share
+
+    def record(self) -> dict[str, Any]:
+        """What another process needs to stop this VM later (stop_recorded), as JSON data."""
+        return self.hypervisor.state.to_dict()
+
+    async def wait_exited(self, timeout_s: float) -> bool:
+        """True once this VM's QEMU is gone (within `timeout_s`), False if it is still running."""
+        state = self.hypervisor.state
+        return await asyncio.to_thread(process.wait_gone, state.pid, state.pid_start_time, timeout_s)
+
     async def disconnect(self) -> None:
         """Lets go of the agent and QMP channels, leaving the VM running or paused."""
         self.needs_handshake = True
@@ -196,3 +218,9 @@ class VM:
         # Ours now: the giver may exit (or be killed) without taking it along.
         qemu.record_owner(ownership.current())
         return vm
+
+
+async def stop_recorded(record: dict[str, Any]) -> None:
+    """Stops a VM another process started, from its record() (by pid and start time, never a
+    recycled pid), and removes its run directory."""
+    await Qemu(QemuState.from_dict(record)).stop()

@@ -19,9 +19,10 @@ from typing import Iterator, Sequence, TextIO
 
 from hostos import files
 from hostos import process as host_process
-from factory.hypervisor.qemu import Qemu, QemuState
+from factory import sharedfs
+from factory.vm import stop_recorded
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
-from runtime.sandbox import control, share
+from runtime.sandbox import control
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore
 
 # A TCG boot takes seconds; a loaded CI machine several times that.
@@ -170,9 +171,9 @@ def _cleanup(store: StateStore, container_id: str) -> None:
         os.kill(state.shim_pid, signals.SIGKILL)
         host_process.wait_gone(state.shim_pid, state.shim_start_time, 5)
     if state is not None:
-        share.unbind_rootfs(state.share_mount, state.share_mount_id)
+        sharedfs.unbind_rootfs(state.share_mount, state.share_mount_id)
     if state is not None and state.vm:
-        asyncio.run(Qemu(QemuState.from_dict(state.vm)).stop())
+        asyncio.run(stop_recorded(state.vm))
     store.remove(container_id)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from opentelemetry.context import Context
 
-from factory import ownership, tracing
+from factory import ownership, sharedfs, tracing
 from factory.errors import AgentError
 from hostos import mounts
 from factory.config import VMConfig
@@ -32,12 +32,9 @@ from hostos import process as host_process
 from factory.vm import VM
 from configuration.loader import RuntimeConfig
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
-from runtime.sandbox import control, share, vm_source
+from runtime.sandbox import control, vm_source
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore, now_rfc3339
 
-# Where the guest mounts the VM's 9p share; rootfs are below it, one per container.
-GUEST_SHARED_DIR = "/run/kata-containers/shared"
-SHARED_FS_TAG = "kataShared"
 # ProcessOutput stream numbers (agent.proto).
 STDOUT, STDERR = 1, 2
 # QEMU closes the agent socket as it exits; this long for the process to be gone tells a dead
@@ -104,11 +101,12 @@ class Shim:
             if path in ("vmcache", "direct"):
                 await factory.close()  # a template stays for the next sandbox
         phase("get_vm")
-        self.state.vm = self.vm.hypervisor.state.to_dict()
-        rootfs_share = share.bind_rootfs(self.vm.hypervisor.run, self.id, spec.rootfs, spec.rootfs_readonly)
-        self.state.share_mount, self.state.share_mount_id = rootfs_share.mount_point, rootfs_share.mount_id
+        self.state.vm = self.vm.record()
         self.store.save(self.state)
-        await self.vm.agent.mount_shared(SHARED_FS_TAG, GUEST_SHARED_DIR, ctx=ctx)
+        rootfs_share = await self.vm.share_rootfs(self.id, spec.rootfs, spec.rootfs_readonly, ctx)
+        self.state.share_mount, self.state.share_mount_id = rootfs_share.mount_point, rootfs_share.mount_id
+        self.state.guest_rootfs = rootfs_share.guest_path
+        self.store.save(self.state)
         pid = await self._create_process(self.id, spec.process, ctx, hostname=spec.hostname,
                                          readonly=spec.rootfs_readonly)
         phase("create_process")
@@ -130,7 +128,7 @@ class Shim:
         return await self.vm.agent.create_process(
             exec_id=exec_id, args=process.args, env=process.env, cwd=process.cwd, uid=process.uid,
             gid=process.gid, additional_gids=process.additional_gids,
-            rootfs=f"{GUEST_SHARED_DIR}/{share.guest_relative_rootfs(self.id)}", rootfs_readonly=readonly, hostname=hostname,
+            rootfs=self.state.guest_rootfs, rootfs_readonly=readonly, hostname=hostname,
             container_exec_id="" if exec_id == self.id else self.id, capabilities=limits.capabilities,
             rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=spec.mounts,
             readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, ctx=ctx)
@@ -189,8 +187,7 @@ class Shim:
         """The VM died or its agent went away: the container is stopped and everyone waiting is told."""
         if self.stopping:
             return  # our own teardown closed the connection
-        qemu = self.vm.hypervisor.state
-        gone = await asyncio.to_thread(host_process.wait_gone, qemu.pid, qemu.pid_start_time, QEMU_EXIT_GRACE_S)
+        gone = await self.vm.wait_exited(QEMU_EXIT_GRACE_S)
         reason = f"its VM exited ({why})" if gone else f"its VM stopped answering ({why})"
         log.error("container %s: %s", self.id, reason)
         if self.state.status != "stopped":  # else its process had exited already: that status stands
@@ -276,7 +273,7 @@ class Shim:
     async def teardown(self) -> None:
         """Stops the VM, removes the rootfs bind mount and the VM's run directory."""
         self.stopping = True
-        share.unbind_rootfs(self.state.share_mount, self.state.share_mount_id)
+        sharedfs.unbind_rootfs(self.state.share_mount, self.state.share_mount_id)
         if self.vm is not None:
             await self.vm.stop()
 

@@ -44,6 +44,7 @@ class ContainerState:
     vm: dict[str, Any] = dataclasses.field(default_factory=dict)  # QemuState of the sandbox VM
     share_mount: str = ""  # host bind mount of the rootfs inside the VM's shared dir
     share_mount_id: int = 0  # its mount ID when the shim mounted it: teardown unmounts only that
+    guest_rootfs: str = ""  # the rootfs as the guest sees it, below the VM's share
     reason: str = ""  # why a container stopped other than by its process exiting (its VM died)
 
     def oci(self) -> dict[str, Any]:

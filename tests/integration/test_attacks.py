@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from factory import sharedfs
 from factory.vm import VM
 from hostos import mountinfo, mounts
-from runtime.sandbox import share
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import base_config, mounts_under, short_tempdir, write_config
 
-SHARED_TAG = "kataShared"
-GUEST_SHARED = "/run/kata-containers/shared"
+GUEST_SHARED = sharedfs.GUEST_SHARED_DIR
 RUNTIME = "runtime/kata-runtime"
 CANARY_FILES = {"secret": b"host data\n", "keep/me": b"still here\n"}
 # Enough to show a write that should be refused was refused, small enough for a test's tmpfs.
@@ -126,8 +125,7 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
         vm = await VM.new(base_config(), run_root)
         rootfs_share = None
         try:
-            rootfs_share = share.bind_rootfs(vm.hypervisor.run, "c1", rootfs, readonly=False)
-            await vm.agent.mount_shared(SHARED_TAG, GUEST_SHARED)
+            rootfs_share = await vm.share_rootfs("c1", rootfs, readonly=False)
             output, status = await _guest_root_sh(vm, "attack", attack)
             assert status == 0, output
             said = output.decode().split()
@@ -143,7 +141,7 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
         finally:
             # The shim's teardown: the recorded rootfs bind, then the VM and its run directory.
             if rootfs_share is not None:
-                share.unbind_rootfs(rootfs_share.mount_point, rootfs_share.mount_id)
+                sharedfs.unbind_rootfs(rootfs_share.mount_point, rootfs_share.mount_id)
             await vm.stop()
 
     asyncio.run(body())

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from factory.config import AgentConfig, HypervisorConfig, VMConfig
+from factory import sharedfs
 from factory.vm import VM
 from hostos import mounts
 from hostos.process import pids_mentioning as processes_mentioning
@@ -52,8 +53,8 @@ vm_run_root = "{root}/vm"
 
 
 # Where the guest mounts the VM's 9p share, as the shim asks it to.
-GUEST_SHARED = "/run/kata-containers/shared"
-SHARED_TAG = "kataShared"
+GUEST_SHARED = sharedfs.GUEST_SHARED_DIR
+SHARED_TAG = sharedfs.SHARED_FS_TAG
 
 
 def share_rootfs(vm: VM, container_id: str, args: list[str] | None = None) -> tuple[Path, str]:
