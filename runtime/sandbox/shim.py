@@ -184,7 +184,10 @@ class Shim:
             return  # our own teardown closed the connection
         qemu = self.vm.hypervisor.state
         gone = await asyncio.to_thread(host_process.wait_gone, qemu.pid, qemu.pid_start_time, QEMU_EXIT_GRACE_S)
-        reason = f"its VM exited ({why})" if gone else f"its VM stopped answering ({why})"
+        self._stopped(f"its VM exited ({why})" if gone else f"its VM stopped answering ({why})")
+
+    def _stopped(self, reason: str) -> None:
+        """The container can no longer be served: it is stopped, and everyone waiting is told why."""
         log.error("container %s: %s", self.id, reason)
         if self.state.status != "stopped":  # else its process had exited already: that status stands
             self.state.status = "stopped"
@@ -321,8 +324,8 @@ class Shim:
                 return
             err = task.exception()
             log.error("shim task %s failed: %s", name, err, exc_info=err)
-            if critical:
-                self._spawn(self._vm_lost(f"the shim's {name} task failed: {err}"), "lost")
+            if critical and not self.stopping:
+                self._stopped(f"the shim's {name} task failed: {err}")
 
         task.add_done_callback(finished)
         return task
