@@ -6,6 +6,11 @@ process would. It reports "created" or the error on a status pipe, then
 serves start, kill, exec, wait and delete on its control socket. Its own log
 goes to shim.log in the container's state directory, never to the
 container's stdio.
+
+Every process's output comes over the one agent connection and is written to
+its reader before the next event is read: a reader that stalls holds up the
+other processes' output and the agent's replies until it reads again (bounded
+memory, nothing lost); a reader that goes away gives its process SIGPIPE.
 """
 from __future__ import annotations
 
