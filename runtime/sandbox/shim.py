@@ -6,6 +6,11 @@ process would. It reports "created" or the error on a status pipe, then
 serves start, kill, exec, wait and delete on its control socket. Its own log
 goes to shim.log in the container's state directory, never to the
 container's stdio.
+
+Every process's output comes over the one agent connection and is written to
+its reader before the next event is read: a reader that stalls holds up the
+other processes' output and the agent's replies until it reads again (bounded
+memory, nothing lost); a reader that goes away gives its process SIGPIPE.
 """
 from __future__ import annotations
 
@@ -188,7 +193,10 @@ class Shim:
         if self.stopping:
             return  # our own teardown closed the connection
         gone = await self.vm.wait_exited(QEMU_EXIT_GRACE_S)
-        reason = f"its VM exited ({why})" if gone else f"its VM stopped answering ({why})"
+        self._stopped(f"its VM exited ({why})" if gone else f"its VM stopped answering ({why})")
+
+    def _stopped(self, reason: str) -> None:
+        """The container can no longer be served: it is stopped, and everyone waiting is told why."""
         log.error("container %s: %s", self.id, reason)
         if self.state.status != "stopped":  # else its process had exited already: that status stands
             self.state.status = "stopped"
@@ -321,8 +329,8 @@ class Shim:
                 return
             err = task.exception()
             log.error("shim task %s failed: %s", name, err, exc_info=err)
-            if critical:
-                self._spawn(self._vm_lost(f"the shim's {name} task failed: {err}"), "lost")
+            if critical and not self.stopping:
+                self._stopped(f"the shim's {name} task failed: {err}")
 
         task.add_done_callback(finished)
         return task
