@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Collection
 
@@ -18,6 +20,11 @@ from factory.hypervisor.qemu import STOP_GRACE_S
 from factory.hypervisor.rundir import RunDir
 from factory.ownership import Owner, OwnerKind
 from hostos import mountinfo, mounts, process
+
+# A launcher killed between creating a run directory and recording its owner
+# (microseconds apart) leaves it with nothing but an empty share; older than
+# this, nobody is about to fill it.
+ABANDONED_AFTER_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +43,39 @@ class Reaped:
         return f"VM {self.vm_id}: {whose} is gone; {qemu}, run directory removed"
 
 
-def orphans(run_root: str, kinds: Collection[OwnerKind] | None = None) -> list[tuple[RunDir, Owner]]:
-    """Run directories under `run_root` whose recorded owner is dead."""
-    root = Path(run_root)
+def _run_dirs(run_root: str) -> list[Path]:
     try:
-        entries = sorted(root.iterdir())
+        return [e for e in sorted(Path(run_root).iterdir()) if e.is_dir() and not e.is_symlink()]
     except FileNotFoundError:
         return []
+
+
+def orphans(run_root: str, kinds: Collection[OwnerKind] | None = None) -> list[tuple[RunDir, Owner]]:
+    """Run directories under `run_root` whose recorded owner is dead."""
     found = []
-    for entry in entries:
-        if not entry.is_dir() or entry.is_symlink():
-            continue
+    for entry in _run_dirs(run_root):
         owner = ownership.read(entry)
         if owner is None or owner.is_alive() or (kinds is not None and owner.kind not in kinds):
             continue
-        found.append((RunDir(root, entry.name), owner))
+        found.append((RunDir(Path(run_root), entry.name), owner))
     return found
+
+
+def _remove_if_abandoned(entry: Path) -> bool:
+    """Removes an ownerless run directory that never got further than its empty share."""
+    share = entry / "shared"
+    try:
+        if os.listdir(entry) != ["shared"] or os.listdir(share) != []:
+            return False
+        if time.time() - entry.stat().st_mtime < ABANDONED_AFTER_S:
+            return False
+        # rmdir, never rmtree: anything that appeared meanwhile stays.
+        os.rmdir(share)
+        os.rmdir(entry)
+    except OSError:
+        return False
+    log.warning("removed abandoned run directory %s (no owner, no VM)", entry)
+    return True
 
 
 def _qemu_identity(run: RunDir) -> tuple[int, int] | None:
@@ -104,4 +128,7 @@ def reap(run_root: str, kinds: Collection[OwnerKind] | None = None) -> list[Reap
             reaped.append(reap_one(run, owner))
         except OSError as err:  # one stuck directory must not stop the rest
             log.error("cannot reap orphan VM %s in %s: %s", run.vm_id, run.path, err)
+    for entry in _run_dirs(run_root):
+        if ownership.read(entry) is None:
+            _remove_if_abandoned(entry)
     return reaped

@@ -17,7 +17,7 @@ from opentelemetry.context import Context
 from factory import ownership, sharedfs, tracing
 from factory.agent.client import AgentClient
 from factory.config import VMConfig
-from factory.errors import AgentError, AgentTimeoutError, BootError
+from factory.errors import AgentError, AgentTimeoutError, BootError, HypervisorError
 from hostos import process
 from factory.hypervisor.qemu import Qemu, QemuState
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, tail
@@ -211,12 +211,12 @@ class VM:
         qemu = await Qemu.from_state(state, ctx)
         vm = cls(config, qemu, AgentClient(str(qemu.run.agent_socket)), cpu, memory_mib, cpu_delta)
         try:
+            # Ours now: the giver may exit (or be killed) without taking it along.
+            qemu.record_owner(ownership.current())
             await vm.agent.connect(config.agent.dial_timeout_s)
-        except AgentError:
+        except (AgentError, HypervisorError):
             await qemu.disconnect()
             raise
-        # Ours now: the giver may exit (or be killed) without taking it along.
-        qemu.record_owner(ownership.current())
         return vm
 
 

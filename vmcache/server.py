@@ -57,7 +57,7 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
 
     what = "template clones" if config.enable_template else "directly booted VMs"
     print(f"vmcache: preparing {config.vm_cache_number} {what}"
-          + (f" (creating the template in {config.template_path})" if config.enable_template else ""),
+          + (f" (template in {config.template_path}: reused if it fits, else made)" if config.enable_template else ""),
           file=progress, flush=True)
     # Signals count from the start: a SIGTERM while the template is being
     # made must still stop its QEMU and unmount it.

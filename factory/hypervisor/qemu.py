@@ -140,7 +140,10 @@ class Qemu:
 
     def record_owner(self, owner: ownership.Owner) -> None:
         """Puts `owner` on record as this VM's owner (on hand-over), replacing the previous one atomically."""
-        ownership.write(self.run.path, owner)
+        try:
+            ownership.write(self.run.path, owner)
+        except OSError as err:
+            raise HypervisorError(f"VM {self.state.id}: cannot record its owner in {self.run.path}: {err}") from err
 
     async def disconnect(self) -> None:
         """Releases the QMP socket so another process can take the VM."""

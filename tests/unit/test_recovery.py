@@ -94,6 +94,14 @@ def test_reaper_stops_orphans_and_leaves_live_owners_and_unowned_dirs(run_root):
             proc.wait()
 
 
+def test_reaper_removes_a_run_dir_abandoned_before_its_owner_was_recorded(run_root):
+    abandoned, fresh = _vm_dir(run_root, "abandoned", None), _vm_dir(run_root, "fresh", None)
+    old = abandoned.path.stat().st_mtime - reaper.ABANDONED_AFTER_S - 1
+    os.utime(abandoned.path, (old, old))
+    assert reaper.reap(run_root) == []
+    assert not abandoned.exists() and fresh.exists()  # fresh: its launcher may be about to record itself
+
+
 def test_reaper_filters_by_kind(run_root):
     _vm_dir(run_root, "shim-gone", _dead_owner(OwnerKind.CONTAINER))
     assert reaper.reap(run_root, (OwnerKind.POOL, OwnerKind.TEMPLATE)) == []
