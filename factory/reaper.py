@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Collection
 
 from factory import ownership
+from factory.errors import FactoryError
 from factory.hypervisor.qemu import STOP_GRACE_S
 from factory.hypervisor.rundir import RunDir
 from factory.ownership import Owner, OwnerKind
@@ -62,15 +63,14 @@ def orphans(run_root: str, kinds: Collection[OwnerKind] | None = None) -> list[t
 
 
 def _remove_if_abandoned(entry: Path) -> bool:
-    """Removes an ownerless run directory that never got further than its empty share."""
-    share = entry / "shared"
+    """Removes an ownerless run directory: its creator died between mkdir and the owner record
+    (RunDir.create writes that first), so it is empty."""
     try:
-        if os.listdir(entry) != ["shared"] or os.listdir(share) != []:
+        if os.listdir(entry) != []:
             return False
         if time.time() - entry.stat().st_mtime < ABANDONED_AFTER_S:
             return False
         # rmdir, never rmtree: anything that appeared meanwhile stays.
-        os.rmdir(share)
         os.rmdir(entry)
     except OSError:
         return False
@@ -120,13 +120,16 @@ def reap_one(run: RunDir, owner: Owner) -> Reaped:
     return reaped
 
 
-def reap(run_root: str, kinds: Collection[OwnerKind] | None = None) -> list[Reaped]:
-    """Reaps every orphan under `run_root` (of `kinds`, or all); returns what it did."""
+def reap(run_root: str, kinds: Collection[OwnerKind] | None = None, container_id: str | None = None) -> list[Reaped]:
+    """Reaps every orphan under `run_root` (of `kinds`, or all; of one container's, if given);
+    returns what it did."""
     reaped = []
     for run, owner in orphans(run_root, kinds):
+        if container_id is not None and owner.container_id != container_id:
+            continue
         try:
             reaped.append(reap_one(run, owner))
-        except OSError as err:  # one stuck directory must not stop the rest
+        except (OSError, FactoryError) as err:  # one stuck directory must not stop the rest
             log.error("cannot reap orphan VM %s in %s: %s", run.vm_id, run.path, err)
     for entry in _run_dirs(run_root):
         if ownership.read(entry) is None:

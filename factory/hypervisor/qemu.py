@@ -83,12 +83,12 @@ class Qemu:
             cfg.check_files()
             accel = accelerator.choose(cfg.accelerator, cfg.qemu_path)
             run = RunDir(Path(run_root), vm_id)
-            run.create()
+            # The owner goes on record before the share is mounted and QEMU exists: whoever
+            # finds this directory later can tell whether its owner is still there to stop it.
+            owner = ownership.current()
+            run.create(record_owner=lambda path: ownership.write(path, owner))
             vm: Qemu | None = None
             try:
-                # Before QEMU exists: whoever finds this directory later can
-                # tell whether its owner is still there to stop it.
-                ownership.write(run.path, ownership.current())
                 pid, started = await _daemonize(cmdline.build(cfg, accel, run, vm_id), run)
                 state = QemuState(
                     id=vm_id, run_root=str(run_root), pid=pid, pid_start_time=started,

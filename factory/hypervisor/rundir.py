@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Callable
 
 from factory.errors import HypervisorError
 from hostos import mounts, safetree
@@ -67,13 +68,18 @@ class RunDir:
         """The mount ID of the read-only bind at shared_dir, so remove() unmounts exactly that."""
         return self.path / "shared.mount"
 
-    def create(self) -> None:
+    def create(self, record_owner: Callable[[Path], None] | None = None) -> None:
+        """Makes the directory and its read-only share. `record_owner` runs as soon as the directory
+        exists, before anything is mounted in it: a crash after that leaves a directory whose owner
+        is on record, so the reaper can tell an orphan and undo the mount."""
         longest = max(len(str(self.qmp_socket)), len(str(self.agent_socket)))
         if longest > MAX_SOCKET_PATH:
             raise ValueError(f"run directory {self.path} is too long for Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes); use a shorter run root")
         self.path.mkdir(mode=0o700, parents=True, exist_ok=False)
         mount_id = None
         try:
+            if record_owner is not None:
+                record_owner(self.path)
             self.shared_writable_dir.mkdir(mode=0o700)
             self.shared_dir.mkdir(mode=0o700)
             # Before QEMU starts: it holds the directory it opened then, not what is mounted later.

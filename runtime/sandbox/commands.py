@@ -19,7 +19,8 @@ from typing import Iterator, Sequence, TextIO
 
 from hostos import files
 from hostos import process as host_process
-from factory import sharedfs
+from factory import reaper, sharedfs
+from factory.ownership import OwnerKind
 from factory.vm import stop_recorded
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
 from runtime.sandbox import control
@@ -174,6 +175,10 @@ def _cleanup(store: StateStore, container_id: str) -> None:
         sharedfs.unbind_rootfs(state.share_mount, state.share_mount_id)
     if state is not None and state.vm:
         asyncio.run(stop_recorded(state.vm))
+    elif state is not None and state.vm_run_root:
+        # The shim died while getting its VM, before recording it: the VM's owner record names
+        # this container and a dead shim, which is what the reaper looks for.
+        reaper.reap(state.vm_run_root, (OwnerKind.CONTAINER,), container_id)
     store.remove(container_id)
 
 

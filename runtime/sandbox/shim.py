@@ -69,7 +69,8 @@ class Shim:
         self.bundle = bundle
         self.state = ContainerState(id=container_id, bundle=bundle, status="creating", created=now_rfc3339(),
                                     shim_pid=os.getpid(),
-                                    shim_start_time=host_process.start_time(os.getpid()) or 0)
+                                    shim_start_time=host_process.start_time(os.getpid()) or 0,
+                                    vm_run_root=config.vm_run_root)
         self.vm: VM | None = None
         self.exited = asyncio.Event()
         # exec id -> stream number -> fd its output goes to; the container's own go to our stdio.

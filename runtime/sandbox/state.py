@@ -40,6 +40,7 @@ class ContainerState:
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
     shim_pid: int = 0
     shim_start_time: int = 0
+    vm_run_root: str = ""  # where the shim's VM lives, recorded before it asks for one
     exit_status: int | None = None
     vm: dict[str, Any] = dataclasses.field(default_factory=dict)  # QemuState of the sandbox VM
     share_mount: str = ""  # host bind mount of the rootfs inside the VM's shared dir

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from factory import template_store
 from factory.template import TemplateFactory
-from tests.integration.test_vmcache import RUNTIME, SERVER, Server, _stop_handed_out
+from tests.integration.vmcache_server import RUNTIME, SERVER, Server, stop_handed_out
 from tests.integration.vmtest import base_config, write_config
 
 # Bounded waits for what the server does asynchronously (pool refill, health).
@@ -128,7 +128,7 @@ def test_metrics_health_and_pool_status_follow_the_vms_handed_out_and_a_restart_
         assert "Traceback" not in clash.stderr
     finally:
         for raw in handed:
-            _stop_handed_out(raw)
+            stop_handed_out(raw)
         server.stop()
 
     # The stopped server removed its tmpfs template; the next one copies it back from disk.

@@ -18,10 +18,9 @@ from factory.grpccache import GrpcCacheFactory
 from hostos import process
 from factory.hypervisor.qemu import Qemu, QemuState
 from native import vmstate
-from tests.integration.vmcache_server import SERVER, Server
+from tests.integration.vmcache_server import RUNTIME, SERVER, Server, stop_handed_out
 from tests.integration.vmtest import TEST_MEMORY_MIB, write_config
 
-RUNTIME = "runtime/kata-runtime"
 
 
 def _write_config(root: str, template: bool = True, cache: int = 2) -> str:
@@ -30,12 +29,6 @@ def _write_config(root: str, template: bool = True, cache: int = 2) -> str:
 
 def _runtime(config: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([RUNTIME, "--config", config, *args], capture_output=True, text=True, timeout=60)
-
-
-def _stop_handed_out(raw: bytes) -> None:
-    fields = vmstate.decode_grpc_vm(raw)
-    qemu = Qemu(QemuState.from_dict(json.loads(fields.hypervisor)))
-    asyncio.run(qemu.stop())
 
 
 def test_server_status_client_and_destroy(run_root):
@@ -103,7 +96,7 @@ def test_concurrent_clients_get_distinct_vms(run_root):
         assert len(handed) >= 2
     finally:
         for raw in handed:
-            _stop_handed_out(raw)
+            stop_handed_out(raw)
         server.stop()
 
 

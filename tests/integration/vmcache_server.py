@@ -1,6 +1,8 @@
 """A VMCache server run as users run it (its own process), for the integration tests."""
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -9,9 +11,18 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
+from factory.vm import stop_recorded
+from native import vmstate
 from protocols.cache import cache_pb2, cache_pb2_grpc
 
 SERVER = "vmcache/server"
+RUNTIME = "runtime/kata-runtime"
+
+
+def stop_handed_out(raw: bytes) -> None:
+    """Stops a VM a test took with GetBaseVM (its GrpcVM bytes), as its new owner would."""
+    fields = vmstate.decode_grpc_vm(raw)
+    asyncio.run(stop_recorded(json.loads(fields.hypervisor)))
 
 
 class Server:

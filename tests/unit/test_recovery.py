@@ -95,11 +95,21 @@ def test_reaper_stops_orphans_and_leaves_live_owners_and_unowned_dirs(run_root):
 
 
 def test_reaper_removes_a_run_dir_abandoned_before_its_owner_was_recorded(run_root):
-    abandoned, fresh = _vm_dir(run_root, "abandoned", None), _vm_dir(run_root, "fresh", None)
-    old = abandoned.path.stat().st_mtime - reaper.ABANDONED_AFTER_S - 1
-    os.utime(abandoned.path, (old, old))
+    # Killed between mkdir and the owner record, which RunDir.create writes before anything else.
+    abandoned, fresh = Path(run_root, "abandoned"), Path(run_root, "fresh")
+    abandoned.mkdir()
+    fresh.mkdir()
+    old = abandoned.stat().st_mtime - reaper.ABANDONED_AFTER_S - 1
+    os.utime(abandoned, (old, old))
     assert reaper.reap(run_root) == []
     assert not abandoned.exists() and fresh.exists()  # fresh: its launcher may be about to record itself
+
+
+def test_the_owner_is_on_record_before_the_share_is_mounted(run_root):
+    seen = []
+    run = RunDir(Path(run_root), "vm")
+    run.create(record_owner=lambda path: seen.append(sorted(os.listdir(path))))
+    assert seen == [[]]
 
 
 def test_reaper_filters_by_kind(run_root):
