@@ -244,16 +244,23 @@ static int wait_for(pid_t child, int *raw) {
 
 /* --- the container's filesystem -------------------------------------------------------------- */
 
+static void make_dir(const char *path, mode_t mode) {
+    if (mkdir(path, mode) == 0 || errno == EEXIST) return;
+    if (errno == EROFS)
+        fail(EROFS, "mount point %s is missing in the rootfs, which is read-only here: create it in the image", path);
+    fail(errno, "mkdir %s", path);
+}
+
 static void mkdirs(const char *path, mode_t mode) {
     char buf[PATH_MAX];
     if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) fail(ENAMETOOLONG, "mkdir %s", path);
     for (char *p = buf + 1; *p; p++) {
         if (*p != '/') continue;
         *p = 0;
-        if (mkdir(buf, mode) && errno != EEXIST) fail(errno, "mkdir %s", buf);
+        make_dir(buf, mode);
         *p = '/';
     }
-    if (mkdir(buf, mode) && errno != EEXIST) fail(errno, "mkdir %s", buf);
+    make_dir(buf, mode);
 }
 
 static void do_mount(const char *source, const char *target, const char *type, unsigned long flags, const char *data) {
@@ -285,7 +292,7 @@ static void setup_dev(void) {
     }
     umask(old);
     mkdirs("/dev/pts", 0755);
-    mkdirs("/dev/shm", 1777);
+    mkdirs("/dev/shm", 01777);
     mkdirs("/dev/mqueue", 0755);
     do_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5");
     if (symlink("pts/ptmx", "/dev/ptmx")) fail(errno, "symlink /dev/ptmx");
@@ -424,6 +431,8 @@ static void run_program(void) {
             fail(errno, "setrlimit %d", cfg.rlimits[i].resource);
     if (chdir(cfg.cwd)) fail(errno, "chdir %s", cfg.cwd);
     set_credentials();
+    /* A uid change cleared the parent-death signal an exec'd process needs (see main). */
+    if (cfg.mode == MODE_JOIN && prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)) fail(errno, "PR_SET_PDEATHSIG");
     if (cfg.no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) fail(errno, "no_new_privs");
     default_signals(); /* a created process that is killed before its start ends as it would */
     if (write(STATUS_FD, "R", 1) != 1) _exit(1);
@@ -450,6 +459,8 @@ static void drop_to_program_credentials(void) {
     memset(none, 0, sizeof none);
     if (syscall(SYS_capset, &header, none)) _exit(126);
     prctl(PR_SET_DUMPABLE, 1, 0, 0, 0); /* a uid change cleared it */
+    /* ...and the parent-death signal: the container must still end with the outer process. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 }
 
 /* PID 1 of a new container: mounts, hostname, then the program as its child. */

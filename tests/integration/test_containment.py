@@ -213,7 +213,8 @@ def test_an_exec_joins_the_container_and_signals_reach_its_process(template, run
             assert (await _collect(vm, "c1"))[2] == 128 + signal.SIGTERM
 
             # SIGKILL of the process the agent knows takes the whole container with it.
-            await vm.agent.create_process(**_process("c2", "sleep 600 & exec sleep 601", rootfs))
+            # (As another user: the init's drop to the program's ids must keep its parent-death signal.)
+            await vm.agent.create_process(**_process("c2", "sleep 600 & exec sleep 601", rootfs, uid=1000, gid=1000))
             await vm.agent.start_process("c2")
             await vm.agent.signal_process("c2", signal.SIGKILL)
             assert (await _collect(vm, "c2"))[2] == 128 + signal.SIGKILL
@@ -270,3 +271,36 @@ def test_kata_runtime_refuses_host_binds_and_unsupported_fields_by_name_before_a
     done = subprocess.run([RUNTIME, "--root", os.path.join(run_root, "state"), "--config", config,
                            "create", "c1", "--bundle", bundle], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_kata_runtime_run_applies_the_config_json(run_root):
+    bundle = os.path.join(run_root, "b")
+    script = ("echo id=$(id -u):$(id -G); echo nofile=$(ulimit -n); echo hostname=$(hostname); "
+              "echo scratch=$(echo hi > /scratch/f && cat /scratch/f); echo data=$(cat /mnt/data/in-data); "
+              "echo nnp=$(grep NoNewPrivs /proc/self/status | tr -d ' \t'); echo rootro=$(touch /x 2>&1 | grep -c Read-only)")
+    make_bundle(bundle, ["sh", "-c", script], hostname="rbox", root={"path": "rootfs", "readonly": True}, process={
+        "terminal": False, "user": {"uid": 1000, "gid": 1000, "additionalGids": [3000]}, "args": ["sh", "-c", script],
+        "env": ["PATH=/bin"], "cwd": "/", "noNewPrivileges": True,
+        "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 77}],
+        "capabilities": {"bounding": ["CAP_KILL"], "effective": [], "permitted": [], "inheritable": [], "ambient": []}},
+        mounts=[{"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]},
+                {"destination": "/mnt/data", "type": "bind", "source": os.path.join(bundle, "rootfs", "data"),
+                 "options": ["rbind", "ro"]},
+                {"destination": "/proc", "type": "proc", "source": "proc"}])
+    rootfs = os.path.join(bundle, "rootfs")
+    for applet in EXTRA_APPLETS:
+        os.symlink("/bin/busybox", os.path.join(rootfs, "bin", applet))
+    for directory in ("data", "dev", "sys", "scratch", "mnt", "mnt/data"):  # mount points: the rootfs is read-only
+        os.mkdir(os.path.join(rootfs, directory))
+    with open(os.path.join(rootfs, "data", "in-data"), "w") as f:
+        f.write("data\n")
+    config = write_config(run_root, False, 0)
+    state = os.path.join(run_root, "state")
+    try:
+        done = subprocess.run([RUNTIME, "--root", state, "--config", config, "run", "c1", "--bundle", bundle],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run([RUNTIME, "--root", state, "--config", config, "delete", "--force", "c1"], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert _fields(done.stdout) == {"id": "1000:1000 3000", "nofile": "77", "hostname": "rbox", "scratch": "hi",
+                                    "data": "data", "nnp": "NoNewPrivs:1", "rootro": "1"}
