@@ -150,13 +150,14 @@ def _mount_args(request_mounts: Sequence[agent_pb2.Mount]) -> List[str]:
 
 
 def helper_args(contain_path: str, request: agent_pb2.CreateProcessRequest, executable: str,
-                init_pid: int = 0) -> List[str]:
-    """argv for the helper. `init_pid`: the container init to join (an exec), else 0."""
+                join: Tuple[int, int] = (0, 0)) -> List[str]:
+    """argv for the helper. `join`: (init pid, its parent: the container's outer process) of
+    the container an exec joins, else (0, 0)."""
     args = [contain_path]
     if request.guest_root:
         args.append("--guest-root")
-    elif init_pid:
-        args += ["--join", str(init_pid)]
+    elif join[0]:
+        args += ["--join", str(join[0]), str(join[1])]
     else:
         args += ["--rootfs", request.rootfs]
         if len(request.hostname.encode()) > MAX_HOSTNAME_BYTES:

@@ -71,6 +71,7 @@ static struct {
     enum mode mode;
     const char *rootfs;
     pid_t join_pid;
+    pid_t join_parent; /* the outer process of that container: the init's parent */
     const char *hostname;
     int readonly;
     struct mount_spec mounts[MAX_LIST];
@@ -135,7 +136,12 @@ static void parse(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "--")) { i++; break; }
         else if (!strcmp(a, "--rootfs")) { NEED(1); cfg.mode = MODE_NEW; cfg.rootfs = argv[++i]; }
-        else if (!strcmp(a, "--join")) { NEED(1); cfg.mode = MODE_JOIN; cfg.join_pid = number(argv[++i], 10); }
+        else if (!strcmp(a, "--join")) {
+            NEED(2);
+            cfg.mode = MODE_JOIN;
+            cfg.join_pid = number(argv[++i], 10);
+            cfg.join_parent = number(argv[++i], 10);
+        }
         else if (!strcmp(a, "--guest-root")) cfg.mode = MODE_GUEST_ROOT;
         else if (!strcmp(a, "--hostname")) { NEED(1); cfg.hostname = argv[++i]; }
         else if (!strcmp(a, "--readonly")) cfg.readonly = 1;
@@ -490,6 +496,21 @@ static void join_namespaces(pid_t pid) {
         fds[i] = open(path, O_RDONLY | O_CLOEXEC);
         if (fds[i] < 0) fail(errno, "open %s (is the container running?)", path);
     }
+    /* The pid still names that container's init only if its parent is still that container's
+     * outer process (it has no other child): checked after the opens, so the namespaces opened
+     * are the init's, not those of a process that reused its pid. */
+    char path[64], stat[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, stat, sizeof stat - 1);
+    if (fd >= 0) close(fd);
+    if (n <= 0) fail(ESRCH, "container init %d is gone", (int)pid);
+    stat[n] = 0;
+    char *after_comm = strrchr(stat, ')');
+    int ppid = 0;
+    if (!after_comm || sscanf(after_comm + 1, " %*c %d", &ppid) != 1 || ppid != cfg.join_parent)
+        fail(ESRCH, "pid %d is no longer the init of the container (its parent is %d, not %d)", (int)pid, ppid,
+             (int)cfg.join_parent);
     for (int i = 0; i < 4; i++) {
         if (setns(fds[i], 0)) fail(errno, "setns %s of pid %d", kinds[i], (int)pid);
         close(fds[i]);

@@ -14,8 +14,8 @@ def _args(**fields) -> list[str]:
     fields.setdefault("exec_id", "c1")
     fields.setdefault("args", ["sh", "-c", "true"])
     fields.setdefault("rootfs", "/run/kata-containers/shared/c1/rootfs")
-    init_pid = fields.pop("init_pid", 0)
-    return containment.helper_args(HELPER, agent_pb2.CreateProcessRequest(**fields), "/bin/sh", init_pid)
+    join = fields.pop("join", (0, 0))
+    return containment.helper_args(HELPER, agent_pb2.CreateProcessRequest(**fields), "/bin/sh", join)
 
 
 def _option(args: list[str], name: str, width: int = 1) -> list[list[str]]:
@@ -87,8 +87,8 @@ def test_bad_mounts_are_refused_by_name(mount, message):
 
 
 def test_an_exec_joins_the_container_and_gets_no_new_mounts():
-    args = _args(init_pid=1234, hostname="ignored")
-    assert args[1:3] == ["--join", "1234"] and "--rootfs" not in args and "--hostname" not in args
+    args = _args(join=(1234, 1200), hostname="ignored")
+    assert args[1:4] == ["--join", "1234", "1200"] and "--rootfs" not in args and "--hostname" not in args
 
 
 def test_guest_root_is_uncontained_and_keeps_capabilities_unless_asked():
