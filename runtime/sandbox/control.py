@@ -40,10 +40,13 @@ def request(socket_path: str, message: dict[str, Any], fds: list[int] = (), time
 def read_reply(sock: socket.socket) -> dict[str, Any]:
     line = b""
     while not line.endswith(b"\n"):
-        chunk = sock.recv(4096)
+        # Peek, then take only through the newline: the shim may already have sent the next
+        # message (a fast process's exit right behind the start reply), which the next call reads.
+        chunk = sock.recv(4096, socket.MSG_PEEK)
         if not chunk:
             raise ContainerError("the container's shim closed the connection without answering")
-        line += chunk
+        end = chunk.find(b"\n")
+        line += sock.recv(len(chunk) if end < 0 else end + 1)
         if len(line) > MAX_LINE:
             raise ContainerError("the container's shim sent an oversized reply")
     reply = json.loads(line)
