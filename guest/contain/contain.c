@@ -455,6 +455,14 @@ static void run_program(void) {
  * ptracing it gains the container nothing, and the container can read /proc/1/root and the rest
  * of its init's /proc entries as it could with runc, where PID 1 is the program itself. */
 static void drop_to_program_credentials(void) {
+    /* The bounding set too: a root process regains its whole bounding set at execve, so an exec
+     * forced on the init (it can be ptraced) must not get more than the program could. */
+    if (cfg.set_caps) {
+        int last = cap_last();
+        for (int cap = 0; cap <= last; cap++)
+            if (!(cfg.caps[0] >> cap & 1) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL) _exit(126);
+    }
+    if (cfg.no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) _exit(126);
     if (cfg.set_ids) {
         if (setgroups(cfg.n_groups, cfg.groups) || setresgid(cfg.gid, cfg.gid, cfg.gid) ||
             setresuid(cfg.uid, cfg.uid, cfg.uid))

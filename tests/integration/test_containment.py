@@ -89,6 +89,8 @@ echo shared=$(ls -d /run/kata-containers 2>/dev/null | wc -l)
 echo vport=$(ls /dev | grep -c vport)
 echo sysro=$(touch /sys/kernel/x 2>&1 | grep -c 'Read-only')
 echo procsysro=$(sh -c 'echo 1 > /proc/sys/kernel/sysrq' 2>&1 | grep -c 'Read-only')
+echo initcaps=$(grep -E '^Cap(Prm|Eff|Bnd)' /proc/1/status | tr -d ' \t' | tr '\n' ' ')
+echo selfbnd=$(grep -E '^CapBnd' /proc/self/status | tr -d ' \t')
 """
 
 # Reaches for the agent's virtio port through sysfs: its device number, a node made for it in
@@ -124,6 +126,8 @@ def test_a_container_sees_its_own_root_proc_and_default_devices_and_nothing_else
             assert got["pid1"] == "vmf-contain"  # its init, not the guest's
             assert got["canary"] == "0" and got["shared"] == "0" and got["vport"] == "0"
             assert got["sysro"] == "1" and got["procsysro"] == "1"
+            # The init (ptraceable by the container) holds no capability and bounds no more than it.
+            assert got["initcaps"].split() == ["CapPrm:0000000000000000", "CapEff:0000000000000000", got["selfbnd"]]
 
             # Control: uncontained, the same probes find the share root and the guest's init.
             stdout, stderr, status = await _run(vm, **_process("g1", PROBES, "", guest_root=True))
