@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -26,6 +27,7 @@ EXTRA_APPLETS = ("head", "wc", "grep", "mknod", "mkdir", "readlink", "find", "ki
 # The host drops this file in the share's root: only the share root, never a container's rootfs.
 SHARE_CANARY = "share-root-canary"
 RUNTIME = "runtime/kata-runtime"
+ESCAPE_PROGRAM = "tests/integration/escape/chroot_escape"
 
 
 def _rootfs(vm: VM, container_id: str) -> str:
@@ -259,6 +261,24 @@ def test_process_latency_in_a_clone(template, run_root, capsys):
                 with capsys.disabled():
                     print(f"\necho hello, {label}, medians of 5 from CreateProcess: "
                           + ", ".join(f"{name} {sorted(values)[2]:.1f} ms" for name, values in phases.items()))
+        finally:
+            await vm.stop()
+    asyncio.run(body())
+
+
+def test_a_chroot_escape_from_a_container_lands_back_in_the_container(template, run_root):
+    """The container's root is mounted on the initramfs's root: climbing out of it comes back."""
+    async def body():
+        vm = await _clone(template, run_root)
+        try:
+            rootfs = _rootfs(vm, "c1")
+            host_rootfs = vm.hypervisor.run.shared_dir / "c1" / "rootfs"
+            shutil.copy2(ESCAPE_PROGRAM, host_rootfs / "bin" / "chroot_escape")
+            stdout, stderr, status = await _run(vm, **_process("c1", "chroot_escape", rootfs))
+            assert status == 0, stderr
+            found = set(stdout.split()) - {".", "..", "done"}
+            assert "container-marker" in found and not found & {"init", "newroot", "usr", "lib", "sbin", "run"}, (
+                f"a chroot escape reached a directory outside the container: {sorted(found)}")
         finally:
             await vm.stop()
     asyncio.run(body())
