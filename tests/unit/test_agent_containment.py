@@ -26,7 +26,9 @@ def test_a_new_container_gets_its_rootfs_hostname_and_the_default_paths():
     args = _args(hostname="box", rootfs_readonly=True, cwd="/tmp")
     assert args[:3] == [HELPER, "--rootfs", "/run/kata-containers/shared/c1/rootfs"]
     assert _option(args, "--hostname") == [["box"]] and "--readonly" in args
-    assert ["/proc/sys"] in _option(args, "--ro-path") and ["/proc/kcore"] in _option(args, "--mask-path")
+    assert _option(args, "--ro-path") == [["/proc/sys"]] and _option(args, "--mask-path") == []
+    more = _args(readonly_paths=["/proc/bus"], masked_paths=["/proc/kcore"])
+    assert ["/proc/bus"] in _option(more, "--ro-path") and _option(more, "--mask-path") == [["/proc/kcore"]]
     assert args[args.index("--") + 1:] == ["sh", "-c", "true"]
     assert _option(args, "--exec") == [["/bin/sh"]] and _option(args, "--cwd") == [["/tmp"]]
 
