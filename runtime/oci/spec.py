@@ -330,7 +330,7 @@ def find_executable(rootfs: str, process: ProcessSpec) -> str:
 
     def runnable(path: str) -> bool:
         # lexists, not exists: busybox-style applets are absolute symlinks
-        # that only resolve inside the guest's chroot.
+        # that only resolve inside the container's root.
         return os.path.lexists(os.path.join(rootfs, path.lstrip("/")))
 
     if "/" in program:
