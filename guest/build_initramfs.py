@@ -51,8 +51,8 @@ CONTAIN_PATH = "sbin/vmf-contain"  # read by guest/init: one module name a line,
 
 # Applets guest/init (and a person debugging on the console) uses.
 BUSYBOX_APPLETS = (
-    "sh ash cat cp dmesg echo insmod kill ln ls mkdir mknod mount poweroff ps reboot rm sleep "
-    "switch_root sync test true false umount uname"
+    "sh ash cat chroot dmesg echo insmod kill ln ls mkdir mknod mount poweroff ps reboot rm sleep "
+    "sync test true false umount uname"
 ).split()
 
 DEFAULT_AGENT_SOURCES = (

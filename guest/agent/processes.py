@@ -30,7 +30,7 @@ import os
 import select
 import socket
 from collections import deque
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 from guest.agent import containment, mounts, rootfs
 from guest.agent.log import log
@@ -94,7 +94,8 @@ class _Process:
 class CreatePlan:
     """What the helper is asked to do, all checked by the agent before spawning it."""
 
-    def __init__(self, request: agent_pb2.CreateProcessRequest, contain_path: str, init_pid: int = 0) -> None:
+    def __init__(self, request: agent_pb2.CreateProcessRequest, contain_path: str,
+                 join: Tuple[int, int] = (0, 0)) -> None:
         self.exec_id = request.exec_id
         self.args = list(request.args)
         self.rootfs = request.rootfs
@@ -123,7 +124,7 @@ class CreatePlan:
         if not self.cwd.startswith("/"):
             raise RequestError(f"cwd {self.cwd!r} is not an absolute path")
         self.executable = rootfs.find_executable(self.rootfs, self.args[0], self.env, self.cwd)
-        self.argv = containment.helper_args(contain_path, request, self.executable, init_pid)
+        self.argv = containment.helper_args(contain_path, request, self.executable, join)
 
 
 def exit_status_of(wait_status: int) -> int:
@@ -184,15 +185,15 @@ class ProcessTable:
             self._forget(existing.exec_id)
         self._procs[plan.exec_id] = proc
 
-    def _container_init(self, request: agent_pb2.CreateProcessRequest) -> int:
-        """The init pid whose namespaces an exec joins; 0 for a new container."""
+    def _container_init(self, request: agent_pb2.CreateProcessRequest) -> Tuple[int, int]:
+        """(init pid, its parent) of the container an exec joins; (0, 0) for a new container."""
         if not request.container_exec_id or request.guest_root:
-            return 0
+            return 0, 0
         container = self._procs.get(request.container_exec_id)
         if container is None or container.state == EXITED or not container.init_pid:
             state = "unknown" if container is None else self._describe(container)
             raise RequestError(f"container {request.container_exec_id!r} to exec in is not running ({state})")
-        return container.init_pid
+        return container.init_pid, container.pid
 
     def start(self, request_id: int, exec_id: str) -> None:
         proc = self._get(exec_id)

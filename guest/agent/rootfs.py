@@ -1,6 +1,6 @@
-"""Paths inside a container rootfs as a process chrooted there sees them, seen from outside it.
+"""Paths inside a container rootfs as a process rooted there sees them, seen from outside it.
 
-The agent checks a process's executable before forking it, from outside the chroot: symlinks in
+The agent checks a process's executable before spawning it, from outside the container: symlinks in
 the rootfs must then resolve against the rootfs, not the guest's /. busybox images are the
 common case: /bin/sh -> /bin/busybox is an absolute link that dangles (or worse, points at the
 guest's own busybox) unless followed inside the rootfs.
@@ -24,7 +24,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 def resolve_in_root(root: str, path: str) -> str:
     """The outside path of `path` looked up from inside `root`: symlinks and ".." stay inside.
 
-    Raises OSError (FileNotFoundError, NotADirectoryError, ELOOP) as the lookup in a chroot would.
+    Raises OSError (FileNotFoundError, NotADirectoryError, ELOOP) as the lookup inside the container would.
     """
     pending: List[str] = [p for p in path.split("/") if p]
     pending.reverse()  # a stack: the next component is at the end
@@ -60,7 +60,7 @@ def env_path(env: Dict[str, str]) -> str:
 
 
 def find_executable(root: str, program: str, env: Dict[str, str], cwd: str) -> str:
-    """Where execvp(program) inside the chroot would find the program, as a path inside `root`.
+    """Where execvp(program) inside the container would find the program, as a path inside `root`.
 
     Raises RequestError naming the program, the rootfs and the PATH searched.
     """

@@ -71,6 +71,7 @@ static struct {
     enum mode mode;
     const char *rootfs;
     pid_t join_pid;
+    pid_t join_parent; /* the outer process of that container: the init's parent */
     const char *hostname;
     int readonly;
     struct mount_spec mounts[MAX_LIST];
@@ -135,7 +136,12 @@ static void parse(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "--")) { i++; break; }
         else if (!strcmp(a, "--rootfs")) { NEED(1); cfg.mode = MODE_NEW; cfg.rootfs = argv[++i]; }
-        else if (!strcmp(a, "--join")) { NEED(1); cfg.mode = MODE_JOIN; cfg.join_pid = number(argv[++i], 10); }
+        else if (!strcmp(a, "--join")) {
+            NEED(2);
+            cfg.mode = MODE_JOIN;
+            cfg.join_pid = number(argv[++i], 10);
+            cfg.join_parent = number(argv[++i], 10);
+        }
         else if (!strcmp(a, "--guest-root")) cfg.mode = MODE_GUEST_ROOT;
         else if (!strcmp(a, "--hostname")) { NEED(1); cfg.hostname = argv[++i]; }
         else if (!strcmp(a, "--readonly")) cfg.readonly = 1;
@@ -244,16 +250,23 @@ static int wait_for(pid_t child, int *raw) {
 
 /* --- the container's filesystem -------------------------------------------------------------- */
 
+static void make_dir(const char *path, mode_t mode) {
+    if (mkdir(path, mode) == 0 || errno == EEXIST) return;
+    if (errno == EROFS)
+        fail(EROFS, "mount point %s is missing in the rootfs, which is read-only here: create it in the image", path);
+    fail(errno, "mkdir %s", path);
+}
+
 static void mkdirs(const char *path, mode_t mode) {
     char buf[PATH_MAX];
     if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) fail(ENAMETOOLONG, "mkdir %s", path);
     for (char *p = buf + 1; *p; p++) {
         if (*p != '/') continue;
         *p = 0;
-        if (mkdir(buf, mode) && errno != EEXIST) fail(errno, "mkdir %s", buf);
+        make_dir(buf, mode);
         *p = '/';
     }
-    if (mkdir(buf, mode) && errno != EEXIST) fail(errno, "mkdir %s", buf);
+    make_dir(buf, mode);
 }
 
 static void do_mount(const char *source, const char *target, const char *type, unsigned long flags, const char *data) {
@@ -285,7 +298,7 @@ static void setup_dev(void) {
     }
     umask(old);
     mkdirs("/dev/pts", 0755);
-    mkdirs("/dev/shm", 1777);
+    mkdirs("/dev/shm", 01777);
     mkdirs("/dev/mqueue", 0755);
     do_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5");
     if (symlink("pts/ptmx", "/dev/ptmx")) fail(errno, "symlink /dev/ptmx");
@@ -424,6 +437,8 @@ static void run_program(void) {
             fail(errno, "setrlimit %d", cfg.rlimits[i].resource);
     if (chdir(cfg.cwd)) fail(errno, "chdir %s", cfg.cwd);
     set_credentials();
+    /* A uid change cleared the parent-death signal an exec'd process needs (see main). */
+    if (cfg.mode == MODE_JOIN && prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)) fail(errno, "PR_SET_PDEATHSIG");
     if (cfg.no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) fail(errno, "no_new_privs");
     default_signals(); /* a created process that is killed before its start ends as it would */
     if (write(STATUS_FD, "R", 1) != 1) _exit(1);
@@ -440,6 +455,14 @@ static void run_program(void) {
  * ptracing it gains the container nothing, and the container can read /proc/1/root and the rest
  * of its init's /proc entries as it could with runc, where PID 1 is the program itself. */
 static void drop_to_program_credentials(void) {
+    /* The bounding set too: a root process regains its whole bounding set at execve, so an exec
+     * forced on the init (it can be ptraced) must not get more than the program could. */
+    if (cfg.set_caps) {
+        int last = cap_last();
+        for (int cap = 0; cap <= last; cap++)
+            if (!(cfg.caps[0] >> cap & 1) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL) _exit(126);
+    }
+    if (cfg.no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) _exit(126);
     if (cfg.set_ids) {
         if (setgroups(cfg.n_groups, cfg.groups) || setresgid(cfg.gid, cfg.gid, cfg.gid) ||
             setresuid(cfg.uid, cfg.uid, cfg.uid))
@@ -450,6 +473,8 @@ static void drop_to_program_credentials(void) {
     memset(none, 0, sizeof none);
     if (syscall(SYS_capset, &header, none)) _exit(126);
     prctl(PR_SET_DUMPABLE, 1, 0, 0, 0); /* a uid change cleared it */
+    /* ...and the parent-death signal: the container must still end with the outer process. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 }
 
 /* PID 1 of a new container: mounts, hostname, then the program as its child. */
@@ -479,6 +504,21 @@ static void join_namespaces(pid_t pid) {
         fds[i] = open(path, O_RDONLY | O_CLOEXEC);
         if (fds[i] < 0) fail(errno, "open %s (is the container running?)", path);
     }
+    /* The pid still names that container's init only if its parent is still that container's
+     * outer process (it has no other child): checked after the opens, so the namespaces opened
+     * are the init's, not those of a process that reused its pid. */
+    char path[64], stat[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd < 0 ? -1 : read(fd, stat, sizeof stat - 1);
+    if (fd >= 0) close(fd);
+    if (n <= 0) fail(ESRCH, "container init %d is gone", (int)pid);
+    stat[n] = 0;
+    char *after_comm = strrchr(stat, ')');
+    int ppid = 0;
+    if (!after_comm || sscanf(after_comm + 1, " %*c %d", &ppid) != 1 || ppid != cfg.join_parent)
+        fail(ESRCH, "pid %d is no longer the init of the container (its parent is %d, not %d)", (int)pid, ppid,
+             (int)cfg.join_parent);
     for (int i = 0; i < 4; i++) {
         if (setns(fds[i], 0)) fail(errno, "setns %s of pid %d", kinds[i], (int)pid);
         close(fds[i]);

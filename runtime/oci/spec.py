@@ -256,15 +256,22 @@ def _paths(linux: dict[str, Any], key: str, where: str) -> list[str]:
     return list(paths)
 
 
-def _check_namespaces(linux: dict[str, Any], where: str) -> None:
+def _check_namespaces(linux: dict[str, Any], where: str) -> list[str]:
+    """Raises SpecError for namespaces the guest cannot give; warnings for those it skips."""
+    warnings = []
     for namespace in linux.get("namespaces", []) or []:
         kind = namespace.get("type") if isinstance(namespace, dict) else None
+        if kind == "cgroup" and not namespace.get("path"):
+            # runc's default spec asks for it; containers get no cgroup filesystem to see anyway.
+            warnings.append(f"{where}: linux.namespaces type 'cgroup' is ignored (no cgroup filesystem in the guest)")
+            continue
         if kind not in CONTAINER_NAMESPACES:
             raise SpecError(f"{where}: linux.namespaces type {kind!r} is not supported "
                             f"(the guest gives every container {', '.join(CONTAINER_NAMESPACES)})")
         if namespace.get("path"):
             raise SpecError(f"{where}: linux.namespaces {kind} path {namespace['path']!r}: joining a host namespace "
                             "is not possible from a VM; remove the path")
+    return warnings
 
 
 def _resources(linux: dict[str, Any], where: str) -> tuple[int, int]:
@@ -314,8 +321,7 @@ def load_bundle(bundle: str) -> BundleSpec:
     if not isinstance(linux, dict):
         raise SpecError(f"{where}: linux must be an object")
     vcpus, memory = _resources(linux, where)
-    warnings = unsupported_fields(raw, where)
-    _check_namespaces(linux, where)
+    warnings = unsupported_fields(raw, where) + _check_namespaces(linux, where)
     mounts, mount_warnings = _mounts(raw.get("mounts"), bundle, rootfs, where)
     annotations = raw.get("annotations", {}) or {}
     return BundleSpec(bundle, version, rootfs, bool(root.get("readonly", False)), str(raw.get("hostname", "")),
@@ -330,7 +336,7 @@ def find_executable(rootfs: str, process: ProcessSpec) -> str:
 
     def runnable(path: str) -> bool:
         # lexists, not exists: busybox-style applets are absolute symlinks
-        # that only resolve inside the guest's chroot.
+        # that only resolve inside the container's root.
         return os.path.lexists(os.path.join(rootfs, path.lstrip("/")))
 
     if "/" in program:

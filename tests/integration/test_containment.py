@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,6 +25,7 @@ EXTRA_APPLETS = ("head", "wc", "grep", "mknod", "mkdir", "readlink", "find", "ki
 # The host drops this file in the share's root: only the share root, never a container's rootfs.
 SHARE_CANARY = "share-root-canary"
 RUNTIME = "runtime/kata-runtime"
+ESCAPE_PROGRAM = "tests/integration/escape/chroot_escape"
 
 
 def _rootfs(vm: VM, container_id: str) -> str:
@@ -85,6 +87,8 @@ echo shared=$(ls -d /run/kata-containers 2>/dev/null | wc -l)
 echo vport=$(ls /dev | grep -c vport)
 echo sysro=$(touch /sys/kernel/x 2>&1 | grep -c 'Read-only')
 echo procsysro=$(sh -c 'echo 1 > /proc/sys/kernel/sysrq' 2>&1 | grep -c 'Read-only')
+echo initcaps=$(grep -E '^Cap(Prm|Eff|Bnd)' /proc/1/status | tr -d ' \t' | tr '\n' ' ')
+echo selfbnd=$(grep -E '^CapBnd' /proc/self/status | tr -d ' \t')
 """
 
 # Reaches for the agent's virtio port through sysfs: its device number, a node made for it in
@@ -120,6 +124,8 @@ def test_a_container_sees_its_own_root_proc_and_default_devices_and_nothing_else
             assert got["pid1"] == "vmf-contain"  # its init, not the guest's
             assert got["canary"] == "0" and got["shared"] == "0" and got["vport"] == "0"
             assert got["sysro"] == "1" and got["procsysro"] == "1"
+            # The init (ptraceable by the container) holds no capability and bounds no more than it.
+            assert got["initcaps"].split() == ["CapPrm:0000000000000000", "CapEff:0000000000000000", got["selfbnd"]]
 
             # Control: uncontained, the same probes find the share root and the guest's init.
             stdout, stderr, status = await _run(vm, **_process("g1", PROBES, "", guest_root=True))
@@ -209,7 +215,8 @@ def test_an_exec_joins_the_container_and_signals_reach_its_process(template, run
             assert (await _collect(vm, "c1"))[2] == 128 + signal.SIGTERM
 
             # SIGKILL of the process the agent knows takes the whole container with it.
-            await vm.agent.create_process(**_process("c2", "sleep 600 & exec sleep 601", rootfs))
+            # (As another user: the init's drop to the program's ids must keep its parent-death signal.)
+            await vm.agent.create_process(**_process("c2", "sleep 600 & exec sleep 601", rootfs, uid=1000, gid=1000))
             await vm.agent.start_process("c2")
             await vm.agent.signal_process("c2", signal.SIGKILL)
             assert (await _collect(vm, "c2"))[2] == 128 + signal.SIGKILL
@@ -255,6 +262,24 @@ def test_process_latency_in_a_clone(template, run_root, capsys):
     asyncio.run(body())
 
 
+def test_a_chroot_escape_from_a_container_lands_back_in_the_container(template, run_root):
+    """The container's root is mounted on the initramfs's root: climbing out of it comes back."""
+    async def body():
+        vm = await _clone(template, run_root)
+        try:
+            rootfs = _rootfs(vm, "c1")
+            host_rootfs = vm.hypervisor.run.shared_dir / "c1" / "rootfs"
+            shutil.copy2(ESCAPE_PROGRAM, host_rootfs / "bin" / "chroot_escape")
+            stdout, stderr, status = await _run(vm, **_process("c1", "chroot_escape", rootfs))
+            assert status == 0, stderr
+            found = set(stdout.split()) - {".", "..", "done"}
+            assert "container-marker" in found and not found & {"init", "newroot", "usr", "lib", "sbin", "run"}, (
+                f"a chroot escape reached a directory outside the container: {sorted(found)}")
+        finally:
+            await vm.stop()
+    asyncio.run(body())
+
+
 @pytest.mark.parametrize("change,message", [
     ({"mounts": [{"destination": "/secrets", "type": "bind", "source": "/etc", "options": ["rbind"]}]},
      "mounts[0] /secrets: bind source /etc is a host path outside the rootfs"),
@@ -266,3 +291,36 @@ def test_kata_runtime_refuses_host_binds_and_unsupported_fields_by_name_before_a
     done = subprocess.run([RUNTIME, "--root", os.path.join(run_root, "state"), "--config", config,
                            "create", "c1", "--bundle", bundle], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_kata_runtime_run_applies_the_config_json(run_root):
+    bundle = os.path.join(run_root, "b")
+    script = ("echo id=$(id -u):$(id -G); echo nofile=$(ulimit -n); echo hostname=$(hostname); "
+              "echo scratch=$(echo hi > /scratch/f && cat /scratch/f); echo data=$(cat /mnt/data/in-data); "
+              "echo nnp=$(grep NoNewPrivs /proc/self/status | tr -d ' \t'); echo rootro=$(touch /x 2>&1 | grep -c Read-only)")
+    make_bundle(bundle, ["sh", "-c", script], hostname="rbox", root={"path": "rootfs", "readonly": True}, process={
+        "terminal": False, "user": {"uid": 1000, "gid": 1000, "additionalGids": [3000]}, "args": ["sh", "-c", script],
+        "env": ["PATH=/bin"], "cwd": "/", "noNewPrivileges": True,
+        "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 77}],
+        "capabilities": {"bounding": ["CAP_KILL"], "effective": [], "permitted": [], "inheritable": [], "ambient": []}},
+        mounts=[{"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]},
+                {"destination": "/mnt/data", "type": "bind", "source": os.path.join(bundle, "rootfs", "data"),
+                 "options": ["rbind", "ro"]},
+                {"destination": "/proc", "type": "proc", "source": "proc"}])
+    rootfs = os.path.join(bundle, "rootfs")
+    for applet in EXTRA_APPLETS:
+        os.symlink("/bin/busybox", os.path.join(rootfs, "bin", applet))
+    for directory in ("data", "dev", "sys", "scratch", "mnt", "mnt/data"):  # mount points: the rootfs is read-only
+        os.mkdir(os.path.join(rootfs, directory))
+    with open(os.path.join(rootfs, "data", "in-data"), "w") as f:
+        f.write("data\n")
+    config = write_config(run_root, False, 0)
+    state = os.path.join(run_root, "state")
+    try:
+        done = subprocess.run([RUNTIME, "--root", state, "--config", config, "run", "c1", "--bundle", bundle],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run([RUNTIME, "--root", state, "--config", config, "delete", "--force", "c1"], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert _fields(done.stdout) == {"id": "1000:1000 3000", "nofile": "77", "hostname": "rbox", "scratch": "hi",
+                                    "data": "data", "nnp": "NoNewPrivs:1", "rootro": "1"}

@@ -14,8 +14,8 @@ def _args(**fields) -> list[str]:
     fields.setdefault("exec_id", "c1")
     fields.setdefault("args", ["sh", "-c", "true"])
     fields.setdefault("rootfs", "/run/kata-containers/shared/c1/rootfs")
-    init_pid = fields.pop("init_pid", 0)
-    return containment.helper_args(HELPER, agent_pb2.CreateProcessRequest(**fields), "/bin/sh", init_pid)
+    join = fields.pop("join", (0, 0))
+    return containment.helper_args(HELPER, agent_pb2.CreateProcessRequest(**fields), "/bin/sh", join)
 
 
 def _option(args: list[str], name: str, width: int = 1) -> list[list[str]]:
@@ -26,7 +26,9 @@ def test_a_new_container_gets_its_rootfs_hostname_and_the_default_paths():
     args = _args(hostname="box", rootfs_readonly=True, cwd="/tmp")
     assert args[:3] == [HELPER, "--rootfs", "/run/kata-containers/shared/c1/rootfs"]
     assert _option(args, "--hostname") == [["box"]] and "--readonly" in args
-    assert ["/proc/sys"] in _option(args, "--ro-path") and ["/proc/kcore"] in _option(args, "--mask-path")
+    assert _option(args, "--ro-path") == [["/proc/sys"]] and _option(args, "--mask-path") == []
+    more = _args(readonly_paths=["/proc/bus"], masked_paths=["/proc/kcore"])
+    assert ["/proc/bus"] in _option(more, "--ro-path") and _option(more, "--mask-path") == [["/proc/kcore"]]
     assert args[args.index("--") + 1:] == ["sh", "-c", "true"]
     assert _option(args, "--exec") == [["/bin/sh"]] and _option(args, "--cwd") == [["/tmp"]]
 
@@ -87,8 +89,8 @@ def test_bad_mounts_are_refused_by_name(mount, message):
 
 
 def test_an_exec_joins_the_container_and_gets_no_new_mounts():
-    args = _args(init_pid=1234, hostname="ignored")
-    assert args[1:3] == ["--join", "1234"] and "--rootfs" not in args and "--hostname" not in args
+    args = _args(join=(1234, 1200), hostname="ignored")
+    assert args[1:4] == ["--join", "1234", "1200"] and "--rootfs" not in args and "--hostname" not in args
 
 
 def test_guest_root_is_uncontained_and_keeps_capabilities_unless_asked():

@@ -106,8 +106,10 @@ def test_unsupported_fields_are_refused_by_name(tmp_path, field, value, message)
 
 
 def test_ignorable_fields_are_warned_about_by_name(tmp_path):
-    spec = load_bundle(_bundle(tmp_path, linux__cgroupsPath="/kata/c1", process__oomScoreAdj=100, mounts=[
+    spec = load_bundle(_bundle(tmp_path, linux__cgroupsPath="/kata/c1", process__oomScoreAdj=100,
+                               linux__namespaces=[{"type": "pid"}, {"type": "cgroup"}], mounts=[
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}]))
     assert any("linux.cgroupsPath is ignored" in w for w in spec.warnings)
     assert any("process.oomScoreAdj is ignored" in w for w in spec.warnings)
     assert any("/sys/fs/cgroup: cgroup mounts are not supported" in w for w in spec.warnings)
+    assert any("linux.namespaces type 'cgroup' is ignored" in w for w in spec.warnings)
