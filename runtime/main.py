@@ -46,6 +46,8 @@ flags.DEFINE_bool("force", False, "delete: also a running container")
 flags.DEFINE_enum("format", "table", ["table", "json"], "list: output format")
 flags.DEFINE_integer("status_fd", -1, "internal: the shim's status pipe")
 FLAGS = flags.FLAGS
+# The shim's log and one rotated predecessor: hours of a chatty container's warnings, bounded.
+SHIM_LOG_MAX_BYTES = 1 << 20
 
 
 def _version(args: Sequence[str]) -> int:
@@ -143,6 +145,7 @@ def _lifecycle(command: str):
 def _shim(args: Sequence[str]) -> int:
     import asyncio
     import logging as std_logging
+    from logging.handlers import RotatingFileHandler
 
     from runtime.config import loader
     from runtime.sandbox.shim import run_shim
@@ -156,7 +159,8 @@ def _shim(args: Sequence[str]) -> int:
     if config.tracing.enabled:
         tracing.setup(config.tracing.exporter, "kata-runtime", config.tracing.otlp_endpoint,
                       out=open(log_path, "a", buffering=1))
-    handler = std_logging.FileHandler(log_path)
+    # Capped: the shim logs what the guest says (errors, warnings), and a guest must not fill /run.
+    handler = RotatingFileHandler(log_path, maxBytes=SHIM_LOG_MAX_BYTES, backupCount=1)
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root_logger = std_logging.getLogger()
     root_logger.handlers[:] = [handler]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import sys
 import time
 from typing import TextIO
@@ -19,7 +21,7 @@ from factory import tracing
 from factory.errors import ConfigError
 from factory.factory import new_factory
 from runtime.config.loader import RuntimeConfig
-from vmcache import endpoint
+from vmcache import endpoint, peergate
 from vmcache.service import CacheService
 
 # In-flight calls get this long to finish when the server stops.
@@ -28,7 +30,10 @@ STOP_GRACE_S = 2.0
 log = logging.getLogger(__name__)
 
 
-async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
+async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr,
+                allowed_uids: frozenset[int] = frozenset({0, os.geteuid()})) -> None:
+    """Serves until SIGTERM/SIGINT or a Quit call; only peers whose uid is in `allowed_uids`
+    (root and the server's own user by default) are served."""
     if config.vm_cache_number <= 0:
         raise ConfigError(f"{config.path}: factory.vm_cache_number is {config.vm_cache_number}, so VMCache is "
                           "disabled; set it to the number of VMs to keep ready")
@@ -67,15 +72,20 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
     stop_wait.cancel()
     factory = making.result()
     server = grpc.aio.server()
+    # gRPC listens only in a private directory; the endpoint is the gate that checks peers.
+    inner_dir = tempfile.mkdtemp(prefix=".vmcache-", dir=os.path.dirname(path) or ".")
+    gate = peergate.PeerGate(path, os.path.join(inner_dir, "grpc.sock"), allowed_uids)
     try:
         server.add_generic_rpc_handlers([CacheService(factory, stopping.set).handler()])
-        server.add_insecure_port(f"unix:{path}")
+        server.add_insecure_port(f"unix:{gate.inner_path}")
         await server.start()
-        os.chmod(path, 0o600)
+        await gate.start()
         print(f"vmcache: VM cache server start, endpoint {path}", file=progress, flush=True)
         await stopping.wait()
     finally:
+        await gate.stop()
         await server.stop(STOP_GRACE_S)
         await factory.close()
         endpoint.release(path)
+        shutil.rmtree(inner_dir, ignore_errors=True)
         print("vmcache: VM cache server stop", file=progress, flush=True)

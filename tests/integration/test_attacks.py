@@ -9,15 +9,14 @@ run_root fixture) that nothing is left: no QEMU, no mount, no run directory.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from factory.hypervisor.rundir import LOGS_MIB
 from factory.vm import VM
 from hostos import mountinfo, mounts
 from runtime.sandbox import share
@@ -30,6 +29,8 @@ RUNTIME = "runtime/kata-runtime"
 CANARY_FILES = {"secret": b"host data\n", "keep/me": b"still here\n"}
 # Enough to show a write that should be refused was refused, small enough for a test's tmpfs.
 FLOOD_MIB = 8
+# Twice the console's cap (RunDir LOGS_MIB): shows the cap holds without minutes of TCG serial output.
+CONSOLE_FLOOD_BYTES = 2 * LOGS_MIB * 1024 * 1024
 
 
 class Canary:
@@ -146,6 +147,71 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
             await vm.stop()
 
     asyncio.run(body())
+    canary.assert_intact()
+    _assert_rootfs_intact(rootfs, before)
+    assert not mounts_under(run_root)
+
+
+def test_a_guest_flooding_its_console_is_capped(run_root):
+    async def body() -> None:
+        vm = await VM.new(base_config(), run_root)
+        try:
+            output, status = await _guest_root_sh(
+                vm, "flood", f"/bin/busybox head -c {CONSOLE_FLOOD_BYTES} /dev/zero | /bin/busybox tr '\\0' x "
+                             "> /dev/ttyS0; echo DONE")
+            assert b"DONE" in output, output
+            assert os.path.getsize(vm.hypervisor.run.console_log) <= LOGS_MIB * 1024 * 1024
+            assert vm.hypervisor.is_alive()
+        finally:
+            await vm.stop()
+
+    asyncio.run(body())
+
+
+class Runtime:
+    def __init__(self, root: str) -> None:
+        config = write_config(root, template=False, cache=0)
+        self.base = [RUNTIME, "--root", os.path.join(root, "state"), "--config", config]
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess:
+        # Files, not pipes: create hands its stdout/stderr to the shim, which outlives it.
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            code = subprocess.run(self.base + list(args), stdout=out, stderr=err, text=True, timeout=300).returncode
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(args, code, out.read(), err.read())
+
+
+def test_a_container_playing_the_issues_attack_cannot_touch_the_host(run_root, canary):
+    """From inside the container: reach the share through /proc/1/root if it can, rename, plant
+    symlinks to the host canary, plant setuid files and device nodes in its rootfs; then
+    `kata-runtime delete --force`, as in the issue."""
+    shared = f"/proc/1/root{GUEST_SHARED}"
+    script = f"""
+        bb=/bin/busybox
+        $bb ls {shared} >/dev/null 2>&1 && echo REACHED_SHARE
+        $bb mv {shared}/c1 {shared}/c1.moved 2>/dev/null && echo RENAMED
+        $bb mkdir -p {shared}/c1 2>/dev/null; $bb ln -s {canary.mount} {shared}/c1/rootfs 2>/dev/null && echo SYMLINK
+        $bb cp /bin/busybox /suid && $bb chmod 4755 /suid && echo SUID
+        $bb mknod /mem c 1 1 2>/dev/null && echo MKNOD
+        $bb ln -s {canary.mount} /canary-link
+        echo READY
+        exec $bb sleep 600
+    """
+    bundle = make_bundle(os.path.join(run_root, "b"), ["sh", "-c", script])
+    rootfs = os.path.join(bundle, "rootfs")
+    before = _rootfs_listing(rootfs)
+    runtime = Runtime(run_root)
+    created = runtime("create", "c1", "--bundle", bundle)
+    assert created.returncode == 0, created.stderr
+    try:
+        assert runtime("start", "c1").returncode == 0
+        # The script's last word before sleeping: its attacks are done.
+        output = runtime("exec", "c1", "--", "sh", "-c", "while [ ! -L /canary-link ]; do sleep 0.1; done; echo ok")
+        assert output.stdout == "ok\n", output.stderr
+    finally:
+        deleted = runtime("delete", "--force", "c1")
+    assert deleted.returncode == 0, deleted.stderr
     canary.assert_intact()
     _assert_rootfs_intact(rootfs, before)
     assert not mounts_under(run_root)
