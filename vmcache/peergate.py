@@ -71,6 +71,8 @@ class PeerGate:
             return
         try:
             await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # stop(): this task is the top of its own stack; asyncio would log a re-raise
         finally:
             for w in (writer, up_writer):
                 w.close()
