@@ -17,7 +17,7 @@ from pathlib import Path
 from opentelemetry.context import Context
 
 from factory import memfile, tracing
-from hostos import mountinfo, mounts, safetree
+from hostos import files, mountinfo, mounts, safetree
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import TemplateError
@@ -178,7 +178,8 @@ class TemplateFactory(FactoryBase):
         self.punch_report = memfile.punch_zero_pages(str(self.memory_path))
         log.info("template %s: %d pages scanned, %d zero pages freed (%.1f MiB)", self.path,
                  self.punch_report.pages_scanned, self.punch_report.zero_pages_freed, self.punch_report.mib_saved)
-        self.metadata_path.write_text(json.dumps(expected_metadata(self._config), indent=1, sort_keys=True))
+        files.write_atomic(str(self.metadata_path), json.dumps(expected_metadata(self._config), indent=1,
+                                                               sort_keys=True).encode())
 
     # ---- clones -------------------------------------------------------------
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import sys
 import time
 from typing import TextIO
@@ -20,6 +18,7 @@ import grpc
 from factory import tracing
 from factory.errors import ConfigError
 from factory.factory import new_factory
+from hostos import safetree
 from runtime.config.loader import RuntimeConfig
 from vmcache import endpoint, peergate
 from vmcache.service import CacheService
@@ -72,8 +71,11 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr,
     stop_wait.cancel()
     factory = making.result()
     server = grpc.aio.server()
-    # gRPC listens only in a private directory; the endpoint is the gate that checks peers.
-    inner_dir = tempfile.mkdtemp(prefix=".vmcache-", dir=os.path.dirname(path) or ".")
+    # gRPC listens only in a private directory; the endpoint is the gate that checks peers. A fixed
+    # name beside the endpoint, so a killed server's is replaced (claim() said nobody serves).
+    inner_dir = path + ".grpc"
+    safetree.remove_tree(inner_dir)
+    os.mkdir(inner_dir, 0o700)
     gate = peergate.PeerGate(path, os.path.join(inner_dir, "grpc.sock"), allowed_uids)
     try:
         server.add_generic_rpc_handlers([CacheService(factory, stopping.set).handler()])
@@ -87,5 +89,5 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr,
         await server.stop(STOP_GRACE_S)
         await factory.close()
         endpoint.release(path)
-        shutil.rmtree(inner_dir, ignore_errors=True)
+        safetree.remove_tree(inner_dir)
         print("vmcache: VM cache server stop", file=progress, flush=True)

@@ -21,7 +21,7 @@ from factory import tracing
 from factory.config import HypervisorConfig
 from factory.errors import BootError, HypervisorError, HypervisorTimeoutError
 from factory.hypervisor import accelerator, cmdline
-from hostos import process
+from hostos import files, process
 from factory.hypervisor.qmp import QMP, fd_from_path
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir, tail
 
@@ -247,9 +247,8 @@ class Qemu:
         self._qmp = qmp
 
     def _save_state(self) -> None:
-        tmp = self.run.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state.to_dict(), sort_keys=True))
-        tmp.replace(self.run.state_file)  # atomic: a reader never sees half a file
+        # Atomic: a reader never sees half a file.
+        files.write_atomic(str(self.run.state_file), json.dumps(self.state.to_dict(), sort_keys=True).encode(), mode=0o600)
 
 
 async def _daemonize(cmd: list[str], run: RunDir) -> tuple[int, int]:

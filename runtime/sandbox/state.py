@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import FactoryError
+from hostos import files
 
 DEFAULT_ROOT = "/run/kata-vmfactory"
 # Same rule as runc: ids become directory and file names.
@@ -73,9 +74,7 @@ class StateStore:
 
     def save(self, state: ContainerState) -> None:
         path = self.dir(state.id) / "state.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(state), sort_keys=True))
-        tmp.replace(path)
+        files.write_atomic(str(path), json.dumps(dataclasses.asdict(state), sort_keys=True).encode(), mode=0o600)
 
     def load(self, container_id: str) -> ContainerState:
         path = self.dir(container_id) / "state.json"

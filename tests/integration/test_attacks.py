@@ -119,6 +119,7 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
         $bb cp /bin/busybox c1/rootfs/suid && $bb chmod 4755 c1/rootfs/suid && echo SUID
         $bb mknod c1/rootfs/mem c 1 1 && echo MKNOD
         $bb mv c1/rootfs c1/gone && echo MOVED_ROOTFS
+        for port in /dev/vport*; do echo garbage > $port 2>/dev/null && echo WROTE_AGENT_PORT; done
         exit 0
     """
 
@@ -134,6 +135,8 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
             # The export is read-only to the guest: no rename, no new names, no flood outside rootfs.
             for refused in ("RENAMED", "MKDIR", "SYMLINK", "PLANTED", "FLOODED", "MOVED_ROOTFS"):
                 assert refused not in said, output
+            # Whatever reached the agent's port, the agent still serves the host.
+            assert await _guest_root_sh(vm, "after", "echo alive") == (b"alive\n", 0)
             # Inside its own rootfs the guest may write, but on the host what it plants is inert.
             options = mountinfo.by_id(rootfs_share.mount_id).options.split(",")
             assert "nosuid" in options and "nodev" in options
