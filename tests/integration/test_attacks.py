@@ -19,7 +19,8 @@ import pytest
 from factory.hypervisor.rundir import LOGS_MIB
 from factory.vm import VM
 from hostos import mountinfo, mounts
-from runtime.sandbox import share
+from runtime.sandbox import commands, share
+from runtime.sandbox.state import ContainerState, StateStore
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import base_config, mounts_under, short_tempdir, write_config
 
@@ -103,8 +104,8 @@ async def _guest_root_sh(vm: VM, exec_id: str, script: str) -> tuple[bytes, int]
 
 def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canary):
     """The issue's attack from guest root: rename the container's share directory, plant its rootfs
-    as a symlink to a host tmpfs, plant setuid files and device nodes, fill the share; then the host
-    tears down as the shim does."""
+    as a symlink to a host tmpfs, plant setuid files and device nodes, fill the share, write to the
+    agent's port; then `delete --force` with the shim gone (the cleanup that trusts only saved state)."""
     bundle = make_bundle(os.path.join(run_root, "b"), ["true"])
     rootfs = os.path.join(bundle, "rootfs")
     before = _rootfs_listing(rootfs)
@@ -123,11 +124,16 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
         exit 0
     """
 
+    store = StateStore(os.path.join(run_root, "state"))
+
     async def body() -> None:
         vm = await VM.new(base_config(), run_root)
-        rootfs_share = None
+        handed_over = False
         try:
+            store.reserve("c1")
             rootfs_share = share.bind_rootfs(vm.hypervisor.run, "c1", rootfs, readonly=False)
+            store.save(ContainerState(id="c1", bundle=bundle, status="running", vm=vm.hypervisor.state.to_dict(),
+                                      share_mount=rootfs_share.mount_point, share_mount_id=rootfs_share.mount_id))
             await vm.agent.mount_shared(SHARED_TAG, GUEST_SHARED)
             output, status = await _guest_root_sh(vm, "attack", attack)
             assert status == 0, output
@@ -143,13 +149,16 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
             if "MKNOD" in said:
                 with pytest.raises(PermissionError):
                     open(os.path.join(rootfs_share.mount_point, "mem"), "rb")
+            # As if the shim had died: `delete --force` cleans up from the saved state alone.
+            await vm.agent.close()
+            await vm.hypervisor.disconnect()
+            handed_over = True
         finally:
-            # The shim's teardown: the recorded rootfs bind, then the VM and its run directory.
-            if rootfs_share is not None:
-                share.unbind_rootfs(rootfs_share.mount_point, rootfs_share.mount_id)
-            await vm.stop()
+            if not handed_over:
+                await vm.stop()
 
     asyncio.run(body())
+    assert commands.delete(store, "c1", force=True) == 0
     canary.assert_intact()
     _assert_rootfs_intact(rootfs, before)
     assert not mounts_under(run_root)
