@@ -143,10 +143,10 @@ class TemplateFactory(FactoryBase):
 
     def _prepare_files(self) -> None:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._refuse_foreign_mount()
         if not mounts.is_mountpoint(str(self.path)):
             mounts.mount_tmpfs(str(self.path), self._config.hypervisor.memory_mib + DEVICE_STATE_MIB,
                                source=TEMPLATE_MOUNT_SOURCE)
-        self._refuse_foreign_mount()
         fd = os.open(self.memory_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.truncate(self._config.hypervisor.memory_mib * 1024 * 1024)
@@ -157,6 +157,8 @@ class TemplateFactory(FactoryBase):
         return top is not None and top.source == TEMPLATE_MOUNT_SOURCE
 
     def _refuse_foreign_mount(self) -> None:
+        if self.path.is_symlink():
+            raise TemplateError(f"template_path {self.path} is a symlink; name the directory itself")
         if mounts.is_mountpoint(str(self.path)) and not self._ours_mounted():
             raise TemplateError(f"template_path {self.path} is already a mount point that kata-vmfactory did not "
                                 "make; choose an unused directory for template_path (it is never unmounted or emptied)")
@@ -195,6 +197,9 @@ class TemplateFactory(FactoryBase):
 
     async def close(self, ctx: Context | None = None) -> None:
         """Unmounts (lazily) and removes the template; errors are logged, as upstream."""
+        if self.path.is_symlink():
+            log.warning("not removing template %s: it is a symlink kata-vmfactory did not make", self.path)
+            return
         if mounts.is_mountpoint(str(self.path)):
             if not self._ours_mounted():
                 log.warning("not removing template %s: it is a mount point kata-vmfactory did not make", self.path)

@@ -253,7 +253,8 @@ class Qemu:
 
 async def _daemonize(cmd: list[str], run: RunDir) -> tuple[int, int]:
     """Runs QEMU with -daemonize; returns the daemon's (pid, start time)."""
-    with open(run.qemu_log, "wb") as log_file:
+    log_fd = os.open(run.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(log_fd, "wb") as log_file:
         launcher = await asyncio.create_subprocess_exec(
             *cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True)
