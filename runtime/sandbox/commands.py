@@ -139,7 +139,7 @@ def _cleanup(store: StateStore, container_id: str) -> None:
         os.kill(state.shim_pid, signals.SIGKILL)
         host_process.wait_gone(state.shim_pid, state.shim_start_time, 5)
     if state is not None:
-        share.unbind_rootfs(state.share_mount, state.share_mount_id)
+        share.unbind(state.share_mount, state.share_mount_id)
     if state is not None and state.vm:
         asyncio.run(Qemu(QemuState.from_dict(state.vm)).stop())
     store.remove(container_id)

@@ -1,14 +1,16 @@
-"""The host side of a container's share: its rootfs bound into the VM's 9p export, and undone.
+"""The host side of a container's share: host directories bound into the VM's 9p export, and undone.
 
-The export (RunDir.shared_dir) is a read-only bind of a host-only directory, so the guest can
-neither rename nor replace anything the host mounted there; the rootfs bind is the only writable
-part. The host records the bind's mount ID and teardown unmounts exactly that mount, so nothing
-the guest writes (symlinks, renamed directories) steers what the host unmounts or removes.
+The export (RunDir.shared_dir) is a read-only bind of a host-only directory (shared_writable_dir),
+so the guest can neither rename nor replace anything the host put there; what the host binds in
+(the container's rootfs, read-only host mounts) are the only parts that can be writable. The host
+records each bind's mount ID, and teardown unmounts exactly that mount, so nothing the guest writes
+(symlinks, renamed directories) steers what the host unmounts or removes.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import PurePosixPath
 
 from factory.hypervisor.rundir import RunDir
 from hostos import mounts
@@ -16,30 +18,41 @@ from hostos import mounts
 log = logging.getLogger("kata-shim")
 
 
+class ShareError(ValueError):
+    """A path inside the share is not a plain relative path."""
+
+
 @dataclasses.dataclass(frozen=True)
-class RootfsShare:
+class ShareMount:
     mount_point: str  # host path, inside the VM's read-only export
     mount_id: int  # from /proc/self/mountinfo when the host mounted it
 
 
 def guest_relative_rootfs(container_id: str) -> str:
-    """Where the rootfs is below the share, as the guest sees it."""
+    """Where a container's rootfs is below the share, as the guest sees it."""
     return f"{container_id}/rootfs"
 
 
-def bind_rootfs(run: RunDir, container_id: str, rootfs: str, readonly: bool) -> RootfsShare:
-    """Binds the bundle's rootfs into the VM's share, nosuid,nodev (what a guest plants there is
-    inert on the host). The caller's container_id is already checked (StateStore.check_id)."""
-    (run.shared_writable_dir / container_id / "rootfs").mkdir(mode=0o755, parents=True)
-    target = str(run.shared_dir / guest_relative_rootfs(container_id))
-    mount_id = mounts.bind_recorded(rootfs, target, readonly=readonly, nosuid_nodev=True)
-    return RootfsShare(mount_point=target, mount_id=mount_id)
+def bind_into_share(run: RunDir, relative: str, source: str, readonly: bool) -> ShareMount:
+    """Binds host directory `source` at `relative` below the VM's share, nosuid,nodev (what a guest
+    plants there is inert on the host). The mount point is made in the host-only view first."""
+    parts = PurePosixPath(relative).parts
+    if not parts or PurePosixPath(relative).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise ShareError(f"share path {relative!r} must be relative, without '.' or '..'")
+    (run.shared_writable_dir / relative).mkdir(mode=0o755, parents=True)
+    target = str(run.shared_dir / relative)
+    return ShareMount(target, mounts.bind_recorded(source, target, readonly=readonly, nosuid_nodev=True))
 
 
-def unbind_rootfs(mount_point: str, mount_id: int) -> None:
-    """Unmounts the recorded rootfs bind if it is still there. Never raises: a bind left behind
-    (recorded wrongly, or covered) goes when the VM's run directory is removed, which detaches the
-    whole export with everything below it."""
+def bind_rootfs(run: RunDir, container_id: str, rootfs: str, readonly: bool) -> ShareMount:
+    """The bundle's rootfs into the share. `container_id` is already checked (StateStore.check_id)."""
+    return bind_into_share(run, guest_relative_rootfs(container_id), rootfs, readonly)
+
+
+def unbind(mount_point: str, mount_id: int) -> None:
+    """Unmounts the recorded bind if it is still there. Never raises: a bind left behind (recorded
+    wrongly, or covered) goes when the VM's run directory is removed, which detaches the whole
+    export with everything below it."""
     if not mount_point or mount_id <= 0:
         return
     try:

@@ -114,5 +114,5 @@ def test_commas_in_paths_are_escaped_so_they_cannot_add_options():
     cmd = cmdline.build(cfg, TCG, RunDir(Path("/r,x"), "v"), "v")
     joined = "\n".join(cmd)
     assert "mem-path=/t/mem,,share=off,share=on" in joined
-    assert "path=/r,,x/v/console.log" in joined and "unix:/r,,x/v/qmp.sock,server=on" in joined
+    assert "path=/r,,x/v/logs/console.log" in joined and "unix:/r,,x/v/qmp.sock,server=on" in joined
     assert "path=/r,,x/v/agent.sock,server=on" in joined
