@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from factory.errors import HypervisorError
-from hostos import mountinfo, mounts, safetree
+from hostos import files, mountinfo, mounts, safetree
 
 DEFAULT_RUN_ROOT = "/run/vc/vm"
 # sockaddr_un.sun_path is 108 bytes with the terminating NUL.
@@ -92,7 +92,8 @@ class RunDir:
 
     def _record(self, mount_point: Path, mount_id: int) -> None:
         try:
-            write_new_file(self.path / f"{mount_point.name}.mount", f"{mount_id}\n".encode())
+            files.write_atomic(str(self.path / f"{mount_point.name}.mount"), f"{mount_id}\n".encode(),
+                               mode=0o600, replace=False)
         except BaseException:
             mounts.unmount_recorded(str(mount_point), mount_id)
             raise
@@ -117,13 +118,6 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.path.is_dir()
-
-
-def write_new_file(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Creates `path` (never through a symlink, never over an existing file) and writes `data`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def tail(path: Path, lines: int = 20) -> str:
