@@ -120,7 +120,8 @@ async def new_factory(config: FactoryConfig, fetch_only: bool = False, ctx: Cont
             raise FactoryError("cache factory does not support fetch")
         if config.vm_cache and config.cache == 0:
             from factory.grpccache import GrpcCacheFactory  # the VMCache issue
-            return Factory(await GrpcCacheFactory.connect(config.vm_cache_endpoint, span_ctx), config.run_root)
+            client = await GrpcCacheFactory.connect(config.vm_cache_endpoint, span_ctx, config.run_root)
+            return Factory(client, config.run_root)
         base: FactoryBase
         if config.template:
             if fetch_only:

@@ -14,11 +14,12 @@ from google.protobuf import empty_pb2
 from opentelemetry import propagate
 from opentelemetry.context import Context
 
-from factory import ownership, tracing
+from factory import handover, ownership, tracing
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import ConfigError, FactoryError
 from factory.hypervisor.qemu import QemuState
+from factory.hypervisor.rundir import DEFAULT_RUN_ROOT
 from factory.vm import VM
 from native import vmstate
 from protocols.cache import cache_pb2
@@ -49,8 +50,10 @@ def _claim_metadata() -> tuple[tuple[str, str], ...]:
 
 
 class GrpcCacheFactory(FactoryBase):
-    def __init__(self, endpoint: str, channel: grpc.aio.Channel, config: VMConfig) -> None:
+    def __init__(self, endpoint: str, channel: grpc.aio.Channel, config: VMConfig,
+                 run_root: str = DEFAULT_RUN_ROOT) -> None:
         self.endpoint = endpoint
+        self.run_root = run_root  # where handed-over VMs must live
         self._channel = channel
         self._config = config
         self._get_base_vm = channel.unary_unary(
@@ -58,7 +61,8 @@ class GrpcCacheFactory(FactoryBase):
             response_deserializer=vmstate.decode_grpc_vm)
 
     @classmethod
-    async def connect(cls, endpoint: str, ctx: Context | None = None) -> "GrpcCacheFactory":
+    async def connect(cls, endpoint: str, ctx: Context | None = None,
+                      run_root: str = DEFAULT_RUN_ROOT) -> "GrpcCacheFactory":
         channel = grpc.aio.insecure_channel(f"unix://{endpoint}")
         try:
             config_call = channel.unary_unary("/cache.CacheService/Config",
@@ -75,7 +79,7 @@ class GrpcCacheFactory(FactoryBase):
         except BaseException:
             await channel.close()
             raise
-        return cls(endpoint, channel, config)
+        return cls(endpoint, channel, config, run_root)
 
     def config(self) -> VMConfig:
         return self._config
@@ -90,7 +94,8 @@ class GrpcCacheFactory(FactoryBase):
             try:
                 state = QemuState.from_dict(json.loads(fields.hypervisor))
             except (ValueError, TypeError) as err:
-                raise FactoryError(f"VMCache server sent an unreadable hypervisor state for VM {fields.id}: {err}") from err
+                raise FactoryError(f"VMCache server sent an unreadable hypervisor state for VM {fields.id!r}: {err}") from err
+            handover.check_handed_vm(fields.id, state, self.run_root)
             return await VM.attach(self._config, state, fields.cpu, fields.memory, fields.cpu_delta, span_ctx)
 
     async def close(self, ctx: Context | None = None) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -22,7 +23,7 @@ from opentelemetry.context import Context
 
 from factory import memfile, ownership, reaper, template_store, tracing
 from factory.ownership import OwnerKind
-from hostos import locks, mountinfo, mounts, safetree
+from hostos import files, locks, mountinfo, mounts, safetree
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import TemplateError
@@ -48,7 +49,9 @@ LOCK_SUFFIX = ".lock"
 # host takes tens of seconds; several minutes means the holder is stuck.
 CREATE_LOCK_TIMEOUT_S = 300.0
 # What a template directory may hold, complete or not (a leftover is removed only if this is all).
-_TEMPLATE_FILES = {"memory", "state", "metadata.json", "metadata.tmp"}
+_TEMPLATE_FILES = {"memory", "state", "metadata.json"}
+# ...and the temporary file of an interrupted metadata write (hostos.files.write_atomic).
+_METADATA_TMP = re.compile(r"^\.metadata\.json\.[0-9a-f]+\.tmp$")
 
 _TRACER = "kata_vmfactory.factory"
 log = logging.getLogger(__name__)
@@ -231,7 +234,7 @@ class TemplateFactory(FactoryBase):
             names = set(os.listdir(self.path))
         except FileNotFoundError:
             return
-        foreign = names - _TEMPLATE_FILES
+        foreign = {name for name in names - _TEMPLATE_FILES if not _METADATA_TMP.match(name)}
         if foreign:
             raise TemplateError(f"{self.path} holds files that are not a VM template's ({', '.join(sorted(foreign))}); "
                                 "set factory.template_path to a directory of its own")
@@ -242,10 +245,10 @@ class TemplateFactory(FactoryBase):
 
     def _prepare_files(self) -> None:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._refuse_foreign_mount()
         if not mounts.is_mountpoint(str(self.path)):
             mounts.mount_tmpfs(str(self.path), self._config.hypervisor.memory_mib + DEVICE_STATE_MIB,
                                source=TEMPLATE_MOUNT_SOURCE)
-        self._refuse_foreign_mount()
         fd = os.open(self.memory_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.truncate(self._config.hypervisor.memory_mib * 1024 * 1024)
@@ -256,6 +259,8 @@ class TemplateFactory(FactoryBase):
         return top is not None and top.source == TEMPLATE_MOUNT_SOURCE
 
     def _refuse_foreign_mount(self) -> None:
+        if self.path.is_symlink():
+            raise TemplateError(f"template_path {self.path} is a symlink; name the directory itself")
         if mounts.is_mountpoint(str(self.path)) and not self._ours_mounted():
             raise TemplateError(f"template_path {self.path} is already a mount point that kata-vmfactory did not "
                                 "make; choose an unused directory for template_path (it is never unmounted or emptied)")
@@ -279,9 +284,8 @@ class TemplateFactory(FactoryBase):
         log.info("template %s: %d pages scanned, %d zero pages freed (%.1f MiB)", self.path,
                  self.punch_report.pages_scanned, self.punch_report.zero_pages_freed, self.punch_report.mib_saved)
         # Last and atomic: metadata present means the template is complete.
-        tmp = self.metadata_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(expected_metadata(self._config), indent=1, sort_keys=True))
-        tmp.replace(self.metadata_path)
+        files.write_atomic(str(self.metadata_path), json.dumps(expected_metadata(self._config), indent=1,
+                                                               sort_keys=True).encode())
 
     # ---- clones -------------------------------------------------------------
 
@@ -297,6 +301,9 @@ class TemplateFactory(FactoryBase):
 
     async def close(self, ctx: Context | None = None) -> None:
         """Unmounts (lazily) and removes the template; errors are logged, as upstream."""
+        if self.path.is_symlink():
+            log.warning("not removing template %s: it is a symlink kata-vmfactory did not make", self.path)
+            return
         if mounts.is_mountpoint(str(self.path)):
             if not self._ours_mounted():
                 log.warning("not removing template %s: it is a mount point kata-vmfactory did not make", self.path)

@@ -134,14 +134,14 @@ class VM:
         await self.hypervisor.save_template(state_path, ctx)
 
     async def share_rootfs(self, container_id: str, rootfs: str, readonly: bool,
-                           ctx: Context | None = None) -> sharedfs.RootfsShare:
+                           ctx: Context | None = None) -> sharedfs.ShareMount:
         """Binds a host rootfs into this VM's share (the only part of it the guest may write) and
-        has the guest mount the share; unbind with sharedfs.unbind_rootfs from the returned record."""
+        has the guest mount the share; unbind with sharedfs.unbind from the returned record."""
         share = sharedfs.bind_rootfs(self.hypervisor.run, container_id, rootfs, readonly)
         try:
             await self.agent.mount_shared(sharedfs.SHARED_FS_TAG, sharedfs.GUEST_SHARED_DIR, ctx=ctx)
         except BaseException:
-            sharedfs.unbind_rootfs(share.mount_point, share.mount_id)
+            sharedfs.unbind(share.mount_point, share.mount_id)
             raise
         return share
 

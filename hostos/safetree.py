@@ -22,7 +22,10 @@ def remove_tree(path: str) -> None:
     """Removes `path` (a directory, or a symlink or file itself); missing is fine. Raises
     MountInTheWay naming the first mount point found below, or if `path` is itself a mount point."""
     path = os.path.abspath(path)
-    parent_fd = os.open(os.path.dirname(path), _DIR_FLAGS)
+    try:
+        parent_fd = os.open(os.path.dirname(path), _DIR_FLAGS)
+    except FileNotFoundError:
+        return
     try:
         name = os.path.basename(path)
         try:

@@ -49,6 +49,8 @@ flags.DEFINE_enum("format", "table", ["table", "json"], "list: output format")
 flags.DEFINE_integer("status_fd", -1, "internal: the shim's status pipe")
 flags.DEFINE_integer("lock_fd", -1, "internal: the container's lock, held by the shim until create is over")
 FLAGS = flags.FLAGS
+# The shim's log and one rotated predecessor: hours of a chatty container's warnings, bounded.
+SHIM_LOG_MAX_BYTES = 1 << 20
 
 
 def _version(args: Sequence[str]) -> int:
@@ -150,6 +152,7 @@ def _lifecycle(command: str):
 def _shim(args: Sequence[str]) -> int:
     import asyncio
     import logging as std_logging
+    from logging.handlers import RotatingFileHandler
 
     from configuration import loader
     from runtime.sandbox.shim import run_shim
@@ -163,7 +166,8 @@ def _shim(args: Sequence[str]) -> int:
     if config.tracing.enabled:
         tracing.setup(config.tracing.exporter, "kata-runtime", config.tracing.otlp_endpoint,
                       out=open(log_path, "a", buffering=1))
-    handler = std_logging.FileHandler(log_path)
+    # Capped: the shim logs what the guest says (errors, warnings), and a guest must not fill /run.
+    handler = RotatingFileHandler(log_path, maxBytes=SHIM_LOG_MAX_BYTES, backupCount=1)
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root_logger = std_logging.getLogger()
     root_logger.handlers[:] = [handler]

@@ -20,7 +20,8 @@ from factory.errors import ConfigError
 from factory.factory import new_factory
 from factory.vm import VM
 from configuration.loader import RuntimeConfig
-from vmcache import endpoint
+from hostos import safetree
+from vmcache import endpoint, peergate
 from vmcache.operations import Operations
 from vmcache.service import CacheService
 
@@ -30,7 +31,10 @@ STOP_GRACE_S = 2.0
 log = logging.getLogger(__name__)
 
 
-async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
+async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr,
+                allowed_uids: frozenset[int] = frozenset({0, os.geteuid()})) -> None:
+    """Serves until SIGTERM/SIGINT or a Quit call; only peers whose uid is in `allowed_uids`
+    (root and the server's own user by default) are served."""
     if config.vm_cache_number <= 0:
         raise ConfigError(f"{config.path}: factory.vm_cache_number is {config.vm_cache_number}, so VMCache is "
                           "disabled; set it to the number of VMs to keep ready")
@@ -82,17 +86,25 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
     ops.attach(factory)
     print(f"vmcache: {ops.template_summary()}", file=progress, flush=True)
     server = grpc.aio.server()
+    # gRPC listens only in a private directory; the endpoint is the gate that checks peers. A fixed
+    # name beside the endpoint, so a killed server's is replaced (claim() said nobody serves).
+    inner_dir = path + ".grpc"
+    safetree.remove_tree(inner_dir)
+    os.mkdir(inner_dir, 0o700)
+    gate = peergate.PeerGate(path, os.path.join(inner_dir, "grpc.sock"), allowed_uids)
     try:
         server.add_generic_rpc_handlers([CacheService(factory, stopping.set, ops.vm_handed_out).handler()])
         ops.add_services(server)
-        server.add_insecure_port(f"unix:{path}")
+        server.add_insecure_port(f"unix:{gate.inner_path}")
         await server.start()
-        os.chmod(path, 0o600)
+        await gate.start()
         print(f"vmcache: VM cache server start, endpoint {path}", file=progress, flush=True)
         await stopping.wait()
     finally:
         await ops.close()
+        await gate.stop()
         await server.stop(STOP_GRACE_S)
         await factory.close()
         endpoint.release(path)
+        safetree.remove_tree(inner_dir)
         print("vmcache: VM cache server stop", file=progress, flush=True)

@@ -19,13 +19,15 @@ BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet no_ipi_broadcast=1"
 AGENT_PORT_NAME = "agent.0"
 SHARED_FS_TAG = "kataShared"
 MEMORY_BACKEND_ID = "mem0"
+# QEMU's -name is this plus the VM ID: how a process is recognised as a given VM's QEMU.
+VM_NAME_PREFIX = "kata-vm-"
 
 
 def build(cfg: HypervisorConfig, accel: Accelerator, run: RunDir, vm_id: str) -> list[str]:
     """`cfg` must already be valid() (defaults filled)."""
     cmd = [
         cfg.qemu_path,
-        "-name", f"kata-vm-{vm_id}",
+        "-name", f"{VM_NAME_PREFIX}{vm_id}",
         "-machine", f"{cfg.machine},memory-backend={MEMORY_BACKEND_ID}",
         "-accel", accel.name,
         "-cpu", accel.cpu_model,

@@ -21,7 +21,7 @@ from factory import ownership, tracing
 from factory.config import HypervisorConfig
 from factory.errors import BootError, HypervisorError, HypervisorTimeoutError
 from factory.hypervisor import accelerator, cmdline
-from hostos import process
+from hostos import files, process
 from factory.hypervisor.qmp import QMP, fd_from_path
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir, tail
 
@@ -257,14 +257,14 @@ class Qemu:
         self._qmp = qmp
 
     def _save_state(self) -> None:
-        tmp = self.run.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state.to_dict(), sort_keys=True))
-        tmp.replace(self.run.state_file)  # atomic: a reader never sees half a file
+        # Atomic: a reader never sees half a file.
+        files.write_atomic(str(self.run.state_file), json.dumps(self.state.to_dict(), sort_keys=True).encode(), mode=0o600)
 
 
 async def _daemonize(cmd: list[str], run: RunDir) -> tuple[int, int]:
     """Runs QEMU with -daemonize; returns the daemon's (pid, start time)."""
-    with open(run.qemu_log, "wb") as log_file:
+    log_fd = os.open(run.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(log_fd, "wb") as log_file:
         launcher = await asyncio.create_subprocess_exec(
             *cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True)

@@ -84,4 +84,4 @@ class QMP:
 
 def fd_from_path(path: str, write: bool) -> int:
     flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY
-    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # a planted symlink is not followed

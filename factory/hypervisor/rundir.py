@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 from factory.errors import HypervisorError
-from hostos import mounts, safetree
+from hostos import files, mountinfo, mounts, safetree
 
 DEFAULT_RUN_ROOT = "/run/vc/vm"
 # sockaddr_un.sun_path is 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
+# The guest console's cap: a boot panic and the agent's messages take a few KiB; a guest printing
+# forever stops here instead of filling the host's /run.
+LOGS_MIB = 1
+LOGS_MOUNT_SOURCE = "kata-vmfactory-logs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +44,14 @@ class RunDir:
         return self.path / "pid"
 
     @property
+    def logs_dir(self) -> Path:
+        """A tmpfs of LOGS_MIB for what the guest makes QEMU write (the console): once full,
+        QEMU's writes fail and are dropped, and the host's /run is untouched."""
+        return self.path / "logs"
+
+    @property
     def console_log(self) -> Path:
-        return self.path / "console.log"
+        return self.logs_dir / "console.log"
 
     @property
     def qemu_log(self) -> Path:
@@ -76,47 +86,49 @@ class RunDir:
         if longest > MAX_SOCKET_PATH:
             raise ValueError(f"run directory {self.path} is too long for Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes); use a shorter run root")
         self.path.mkdir(mode=0o700, parents=True, exist_ok=False)
-        mount_id = None
         try:
             if record_owner is not None:
                 record_owner(self.path)
             self.shared_writable_dir.mkdir(mode=0o700)
             self.shared_dir.mkdir(mode=0o700)
             # Before QEMU starts: it holds the directory it opened then, not what is mounted later.
-            mount_id = mounts.bind_recorded(str(self.shared_writable_dir), str(self.shared_dir),
-                                            readonly=True, nosuid_nodev=True)
-            write_new_file(self.shared_mount_record, f"{mount_id}\n".encode())
+            self._record(self.shared_dir, mounts.bind_recorded(str(self.shared_writable_dir), str(self.shared_dir),
+                                                               readonly=True, nosuid_nodev=True))
+            self.logs_dir.mkdir(mode=0o700)
+            mounts.mount_tmpfs(str(self.logs_dir), LOGS_MIB, source=LOGS_MOUNT_SOURCE)
+            self._record(self.logs_dir, mountinfo.path_mount_id(str(self.logs_dir)))
         except BaseException:
-            if mount_id is not None and not self.shared_mount_record.exists():
-                mounts.unmount_recorded(str(self.shared_dir), mount_id)
             self.remove()
             raise
 
-    def remove(self) -> None:
-        """Unmounts the share (and with it whatever is still mounted below it), then removes the
-        directory without following symlinks or entering any other mount. Missing is fine."""
+    def _record(self, mount_point: Path, mount_id: int) -> None:
         try:
-            try:
-                mount_id = int(self.shared_mount_record.read_text())
-            except FileNotFoundError:
-                mount_id = None
-            except ValueError:
-                raise OSError(f"{self.shared_mount_record} does not hold a mount ID")
-            if mount_id is not None:
-                mounts.unmount_recorded(str(self.shared_dir), mount_id)
+            files.write_atomic(str(self.path / f"{mount_point.name}.mount"), f"{mount_id}\n".encode(),
+                               mode=0o600, replace=False)
+        except BaseException:
+            mounts.unmount_recorded(str(mount_point), mount_id)
+            raise
+
+    def remove(self) -> None:
+        """Unmounts what create() mounted (the share takes whatever is still mounted below it along),
+        then removes the directory without following symlinks or entering any other mount.
+        Missing is fine."""
+        try:
+            for mount_point in (self.shared_dir, self.logs_dir):
+                record = self.path / f"{mount_point.name}.mount"
+                try:
+                    mount_id = int(record.read_text())
+                except FileNotFoundError:
+                    continue
+                except ValueError:
+                    raise OSError(f"{record} does not hold a mount ID") from None
+                mounts.unmount_recorded(str(mount_point), mount_id)
             safetree.remove_tree(str(self.path))
         except OSError as err:
             raise HypervisorError(f"cannot remove run directory {self.path}: {err}") from err
 
     def exists(self) -> bool:
         return self.path.is_dir()
-
-
-def write_new_file(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Creates `path` (never through a symlink, never over an existing file) and writes `data`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -172,7 +172,7 @@ def _cleanup(store: StateStore, container_id: str) -> None:
         os.kill(state.shim_pid, signals.SIGKILL)
         host_process.wait_gone(state.shim_pid, state.shim_start_time, 5)
     if state is not None:
-        sharedfs.unbind_rootfs(state.share_mount, state.share_mount_id)
+        sharedfs.unbind(state.share_mount, state.share_mount_id)
     if state is not None and state.vm:
         asyncio.run(stop_recorded(state.vm))
     elif state is not None and state.vm_run_root:

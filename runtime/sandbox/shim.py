@@ -282,7 +282,7 @@ class Shim:
     async def teardown(self) -> None:
         """Stops the VM, removes the rootfs bind mount and the VM's run directory."""
         self.stopping = True
-        sharedfs.unbind_rootfs(self.state.share_mount, self.state.share_mount_id)
+        sharedfs.unbind(self.state.share_mount, self.state.share_mount_id)
         if self.vm is not None:
             await self.vm.stop()
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hostos import locks
+from hostos import files, locks
 from runtime.errors import KataRuntimeError
 
 DEFAULT_ROOT = "/run/kata-vmfactory"
@@ -100,9 +100,7 @@ class StateStore:
 
     def save(self, state: ContainerState) -> None:
         path = self.dir(state.id) / "state.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(state), sort_keys=True))
-        tmp.replace(path)
+        files.write_atomic(str(path), json.dumps(dataclasses.asdict(state), sort_keys=True).encode(), mode=0o600)
 
     def load(self, container_id: str) -> ContainerState:
         path = self.dir(container_id) / "state.json"

@@ -9,9 +9,7 @@ run_root fixture) that nothing is left: no QEMU, no mount, no run directory.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,8 +17,11 @@ from pathlib import Path
 import pytest
 
 from factory import sharedfs
+from factory.hypervisor.rundir import LOGS_MIB
 from factory.vm import VM
 from hostos import mountinfo, mounts
+from runtime.sandbox import commands
+from runtime.sandbox.state import ContainerState, StateStore
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import base_config, mounts_under, short_tempdir, write_config
 
@@ -29,6 +30,8 @@ RUNTIME = "runtime/kata-runtime"
 CANARY_FILES = {"secret": b"host data\n", "keep/me": b"still here\n"}
 # Enough to show a write that should be refused was refused, small enough for a test's tmpfs.
 FLOOD_MIB = 8
+# Twice the console's cap (RunDir LOGS_MIB): shows the cap holds without minutes of TCG serial output.
+CONSOLE_FLOOD_BYTES = 2 * LOGS_MIB * 1024 * 1024
 
 
 class Canary:
@@ -102,8 +105,8 @@ async def _guest_root_sh(vm: VM, exec_id: str, script: str) -> tuple[bytes, int]
 
 def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canary):
     """The issue's attack from guest root: rename the container's share directory, plant its rootfs
-    as a symlink to a host tmpfs, plant setuid files and device nodes, fill the share; then the host
-    tears down as the shim does."""
+    as a symlink to a host tmpfs, plant setuid files and device nodes, fill the share, write to the
+    agent's port; then `delete --force` with the shim gone (the cleanup that trusts only saved state)."""
     bundle = make_bundle(os.path.join(run_root, "b"), ["true"])
     rootfs = os.path.join(bundle, "rootfs")
     before = _rootfs_listing(rootfs)
@@ -118,33 +121,109 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
         $bb cp /bin/busybox c1/rootfs/suid && $bb chmod 4755 c1/rootfs/suid && echo SUID
         $bb mknod c1/rootfs/mem c 1 1 && echo MKNOD
         $bb mv c1/rootfs c1/gone && echo MOVED_ROOTFS
+        for port in /dev/vport*; do echo garbage > $port 2>/dev/null && echo WROTE_AGENT_PORT; done
         exit 0
     """
 
+    store = StateStore(os.path.join(run_root, "state"))
+
     async def body() -> None:
         vm = await VM.new(base_config(), run_root)
-        rootfs_share = None
+        handed_over = False
         try:
+            store.reserve("c1")
             rootfs_share = await vm.share_rootfs("c1", rootfs, readonly=False)
+            store.save(ContainerState(id="c1", bundle=bundle, status="running", vm=vm.record(),
+                                      share_mount=rootfs_share.mount_point, share_mount_id=rootfs_share.mount_id))
             output, status = await _guest_root_sh(vm, "attack", attack)
             assert status == 0, output
             said = output.decode().split()
             # The export is read-only to the guest: no rename, no new names, no flood outside rootfs.
             for refused in ("RENAMED", "MKDIR", "SYMLINK", "PLANTED", "FLOODED", "MOVED_ROOTFS"):
                 assert refused not in said, output
+            # Whatever reached the agent's port, the agent still serves the host.
+            assert await _guest_root_sh(vm, "after", "echo alive") == (b"alive\n", 0)
             # Inside its own rootfs the guest may write, but on the host what it plants is inert.
             options = mountinfo.by_id(rootfs_share.mount_id).options.split(",")
             assert "nosuid" in options and "nodev" in options
             if "MKNOD" in said:
                 with pytest.raises(PermissionError):
                     open(os.path.join(rootfs_share.mount_point, "mem"), "rb")
+            # As if the shim had died: `delete --force` cleans up from the saved state alone.
+            await vm.agent.close()
+            await vm.hypervisor.disconnect()
+            handed_over = True
         finally:
-            # The shim's teardown: the recorded rootfs bind, then the VM and its run directory.
-            if rootfs_share is not None:
-                sharedfs.unbind_rootfs(rootfs_share.mount_point, rootfs_share.mount_id)
+            if not handed_over:
+                await vm.stop()
+
+    asyncio.run(body())
+    assert commands.delete(store, "c1", force=True) == 0
+    canary.assert_intact()
+    _assert_rootfs_intact(rootfs, before)
+    assert not mounts_under(run_root)
+
+
+def test_a_guest_flooding_its_console_is_capped(run_root):
+    async def body() -> None:
+        vm = await VM.new(base_config(), run_root)
+        try:
+            output, status = await _guest_root_sh(
+                vm, "flood", f"/bin/busybox head -c {CONSOLE_FLOOD_BYTES} /dev/zero | /bin/busybox tr '\\0' x "
+                             "> /dev/ttyS0; echo DONE")
+            assert b"DONE" in output, output
+            assert os.path.getsize(vm.hypervisor.run.console_log) <= LOGS_MIB * 1024 * 1024
+            assert vm.hypervisor.is_alive()
+        finally:
             await vm.stop()
 
     asyncio.run(body())
+
+
+class Runtime:
+    def __init__(self, root: str) -> None:
+        config = write_config(root, template=False, cache=0)
+        self.base = [RUNTIME, "--root", os.path.join(root, "state"), "--config", config]
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess:
+        # Files, not pipes: create hands its stdout/stderr to the shim, which outlives it.
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            code = subprocess.run(self.base + list(args), stdout=out, stderr=err, text=True, timeout=300).returncode
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(args, code, out.read(), err.read())
+
+
+def test_a_container_playing_the_issues_attack_cannot_touch_the_host(run_root, canary):
+    """From inside the container: reach the share through /proc/1/root if it can, rename, plant
+    symlinks to the host canary, plant setuid files and device nodes in its rootfs; then
+    `kata-runtime delete --force`, as in the issue."""
+    shared = f"/proc/1/root{GUEST_SHARED}"
+    script = f"""
+        bb=/bin/busybox
+        $bb ls {shared} >/dev/null 2>&1 && echo REACHED_SHARE
+        $bb mv {shared}/c1 {shared}/c1.moved 2>/dev/null && echo RENAMED
+        $bb mkdir -p {shared}/c1 2>/dev/null; $bb ln -s {canary.mount} {shared}/c1/rootfs 2>/dev/null && echo SYMLINK
+        $bb cp /bin/busybox /suid && $bb chmod 4755 /suid && echo SUID
+        $bb mknod /mem c 1 1 2>/dev/null && echo MKNOD
+        $bb ln -s {canary.mount} /canary-link
+        echo READY
+        exec $bb sleep 600
+    """
+    bundle = make_bundle(os.path.join(run_root, "b"), ["sh", "-c", script])
+    rootfs = os.path.join(bundle, "rootfs")
+    before = _rootfs_listing(rootfs)
+    runtime = Runtime(run_root)
+    created = runtime("create", "c1", "--bundle", bundle)
+    assert created.returncode == 0, created.stderr
+    try:
+        assert runtime("start", "c1").returncode == 0
+        # The script's last word before sleeping: its attacks are done.
+        output = runtime("exec", "c1", "--", "sh", "-c", "while [ ! -L /canary-link ]; do sleep 0.1; done; echo ok")
+        assert output.stdout == "ok\n", output.stderr
+    finally:
+        deleted = runtime("delete", "--force", "c1")
+    assert deleted.returncode == 0, deleted.stderr
     canary.assert_intact()
     _assert_rootfs_intact(rootfs, before)
     assert not mounts_under(run_root)

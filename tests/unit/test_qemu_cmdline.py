@@ -107,3 +107,12 @@ def test_explicit_accelerators_are_taken_as_given():
     assert choose("kvm", "q").name == "kvm" and choose("tcg", "q").name == "tcg"
     with pytest.raises(ConfigError, match="'xen'"):
         choose("xen", "q")
+
+
+def test_commas_in_paths_are_escaped_so_they_cannot_add_options():
+    cfg = _cfg(boot_to_be_template=True, memory_path="/t/mem,share=off")
+    cmd = cmdline.build(cfg, TCG, RunDir(Path("/r,x"), "v"), "v")
+    joined = "\n".join(cmd)
+    assert "mem-path=/t/mem,,share=off,share=on" in joined
+    assert "path=/r,,x/v/logs/console.log" in joined and "unix:/r,,x/v/qmp.sock,server=on" in joined
+    assert "path=/r,,x/v/agent.sock,server=on" in joined
