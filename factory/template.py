@@ -229,7 +229,10 @@ class TemplateFactory(FactoryBase):
         return self
 
     async def _clear_leftover(self) -> None:
-        """Removes a partial or stale template; never a directory holding anything else."""
+        """Removes a partial or stale template; never a directory holding anything else, nor a
+        mount or symlink someone else put at template_path."""
+        if self.path.is_symlink() or self.path.exists():
+            self._refuse_foreign_mount()
         try:
             names = set(os.listdir(self.path))
         except FileNotFoundError:

@@ -5,6 +5,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,7 +33,12 @@ def fake_qemu(tmp_path):
 
 
 def _started(pid: int) -> int:
-    # The child's /proc entry exists as soon as Popen returns; its start time is fixed from then on.
+    # Popen returns after fork, maybe before exec: wait (bounded) until /proc shows the new command
+    # line. The start time is fixed from the fork on.
+    deadline = time.monotonic() + 30
+    while f"kata-vm-{VM_ID}".encode() not in open(f"/proc/{pid}/cmdline", "rb").read():
+        assert time.monotonic() < deadline, "the stand-in QEMU never exec'd"
+        time.sleep(0.01)
     started = process.start_time(pid)
     assert started is not None
     return started
