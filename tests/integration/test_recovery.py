@@ -155,7 +155,7 @@ def test_server_killed_in_the_middle_of_get_base_vm(run_root):
 
     async def body(first: Server) -> None:
         await asyncio.to_thread(first.wait_ready, 1)
-        client = await GrpcCacheFactory.connect(first.socket)
+        client = await GrpcCacheFactory.connect(first.socket, run_root=os.path.join(run_root, "vm"))
         handed = []
         try:
             handed.append(await client.get_base_vm(client.config()))
