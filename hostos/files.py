@@ -19,10 +19,10 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644, replace: bool = True
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
+        # No fsync: readers need a whole file, not one that survives a crash (state lives on /run,
+        # which a reboot empties anyway), and an fsync costs milliseconds on a VM's hot path.
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         if replace:
             # rename() replaces a symlink that appeared meanwhile; it never writes through one.
             os.rename(temporary, path)
