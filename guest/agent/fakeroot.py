@@ -12,6 +12,8 @@ from typing import Iterable
 from guest.agent.guestfs import GuestRoot
 
 BOOT_ID = "0f3c1b1e-6a0e-4d5b-9a52-5b0c8e0f1c2d"
+# x86-64 with less than 64 GiB of RAM: 128 MiB memory blocks, as in the real guest.
+FAKE_MEMORY_BLOCK_BYTES = 128 << 20
 
 
 def _write(path: str, text: str) -> None:
@@ -31,6 +33,7 @@ class FakeGuest:
         # The boot CPU has no `online` file: it cannot be offlined.
         os.makedirs(os.path.join(self.root.cpu_dir, "cpu0"), exist_ok=True)
         os.makedirs(self.root.memory_dir, exist_ok=True)
+        _write(os.path.join(self.root.memory_dir, "block_size_bytes"), f"{FAKE_MEMORY_BLOCK_BYTES:x}\n")
 
     def set_mem_total(self, kib: int) -> None:
         _write(self.root.path("proc/meminfo"), f"MemTotal:       {kib} kB\nMemFree:        {kib // 2} kB\n")
