@@ -29,8 +29,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || { echo "bootstrap: need root to install ${missing[*]}" >&2; exit 1; }
   step "installing ${missing[*]}"
   t0=$SECONDS
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # apt's output is kept for a failure only (dpkg reports on stdout).
+  apt_log=$(mktemp /tmp/bootstrap-apt.XXXXXX)
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$apt_log" 2>&1; then
+    tail -n 40 "$apt_log" >&2
+    echo "bootstrap: installing ${missing[*]} failed (apt's last lines above, all of it in $apt_log)" >&2
+    exit 1
+  fi
+  rm -f "$apt_log"
   step "apt done in $((SECONDS - t0)) s"
 fi
 

@@ -113,3 +113,44 @@ def test_agent_that_never_answers_times_out(run_root):
     cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, dial_timeout_s=8.0))
     with pytest.raises(AgentTimeoutError):
         asyncio.run(VM.new(cfg, run_root))
+
+
+def test_probe_hotplug_rounds(run_root):
+    async def body():
+        vm = await VM.new(base_config(kernel_params="ignore_loglevel"), run_root)
+        try:
+            for rnd in range(3):
+                t0 = time.monotonic()
+                await vm.add_cpus(1)
+                await vm.add_memory(256)
+                t1 = time.monotonic()
+                try:
+                    reply = await vm.agent.online_cpu_mem(nb_cpus=vm.cpu, memory_mib=vm.memory_mib, wait=True)
+                    print(f"PROBE round {rnd}: qmp {t1-t0:.3f}s online {time.monotonic()-t1:.3f}s reply {reply}", flush=True)
+                except Exception as exc:
+                    print(f"PROBE round {rnd}: qmp {t1-t0:.3f}s FAILED after {time.monotonic()-t1:.3f}s: {exc}", flush=True)
+            print("PROBE console:\n" + vm.hypervisor.run.console_log.read_text()[-20000:], flush=True)
+        finally:
+            await vm.stop()
+    asyncio.run(body())
+
+
+def test_probe_clone_hotplug_rounds(template, run_root):
+    async def body():
+        for n in range(2):
+            vm = await _clone(template, run_root)
+            try:
+                for rnd in range(3):
+                    t0 = time.monotonic()
+                    await vm.add_cpus(1)
+                    await vm.add_memory(256)
+                    t1 = time.monotonic()
+                    try:
+                        reply = await vm.agent.online_cpu_mem(nb_cpus=vm.cpu, memory_mib=vm.memory_mib, wait=True)
+                        print(f"PROBE clone {n} round {rnd}: qmp {t1-t0:.3f}s online {time.monotonic()-t1:.3f}s reply {reply}".replace("\n", " "), flush=True)
+                    except Exception as exc:
+                        print(f"PROBE clone {n} round {rnd}: qmp {t1-t0:.3f}s FAILED after {time.monotonic()-t1:.3f}s: {exc}", flush=True)
+                print("PROBE console:\n" + vm.hypervisor.run.console_log.read_text(errors="replace")[-3000:], flush=True)
+            finally:
+                await vm.stop()
+    asyncio.run(body())
