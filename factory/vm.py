@@ -165,7 +165,11 @@ class VM:
         Both are waited for: a DIMM's memory blocks appear in the guest only after the ACPI
         events queued before it (a CPU hot-add's) are handled, so "the CPUs are up" does not
         mean the memory is. The agent's error names what stayed offline."""
-        await self.agent.online_cpu_mem(nb_cpus=self.cpu, memory_mib=self.memory_mib, wait=True, ctx=ctx)
+        try:
+            await self.agent.online_cpu_mem(nb_cpus=self.cpu, memory_mib=self.memory_mib, wait=True, ctx=ctx)
+        except AgentError as err:
+            raise type(err)(f"VM {self.id}: hot-plugged CPUs or memory not online ({self.cpu} CPUs and "
+                            f"{self.memory_mib} MiB wanted): {err}; stop this VM and take another") from None
         self.cpu_delta = 0
 
     async def reseed_rng(self, ctx: Context | None = None) -> None:

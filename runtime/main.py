@@ -62,16 +62,30 @@ def _env(args: Sequence[str]) -> int:
 
     hv = HypervisorConfig().valid()
     kernel = assets.kernel_info()
+    pin = _kernel_pin(kernel)
     accel = accelerator.choose(hv.accelerator, hv.qemu_path)
     print(json.dumps({
         "Runtime": {"Version": RUNTIME_VERSION},
         "Kernel": {"Path": hv.kernel_path, "Package": kernel.get("package", "not installed"),
-                   "Version": kernel.get("version", ""), "Release": kernel.get("release", "")},
+                   "Version": kernel.get("version", ""), "Release": kernel.get("release", ""),
+                   "Pin": pin},
         "Initrd": {"Path": hv.initrd_path},
         "Hypervisor": {"Path": hv.qemu_path, "Version": qemu_version(hv.qemu_path), "Machine": hv.machine,
                        "Accelerator": accel.name, "AcceleratorReason": accel.reason, "CPUModel": accel.cpu_model},
     }, indent=2))
     return 0
+
+
+def _kernel_pin(kernel: dict) -> dict:
+    """The pinned guest kernel (tools/guest_kernel.pin.json) and whether the cached one is it."""
+    from tools import guest_kernel
+
+    try:
+        pin = guest_kernel.read_pin()
+    except guest_kernel.KernelError as exc:
+        return {"Error": str(exc)}
+    return {"Package": pin["package"], "Version": pin["version"], "DebSha256": pin["deb_sha256"],
+            "CachedKernelMatches": guest_kernel.matches_pin(kernel or None, pin)}
 
 
 def _factory(args: Sequence[str]) -> int:

@@ -168,11 +168,13 @@ fi
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 cp -L /etc/hosts "$root/etc/hosts"
 
-# pip settings given in the environment go in too; paths they name are bound read-only.
+# pip settings given in the environment go in too; paths they name are bound read-only,
+# except the CA bundle, which the root's ca-certificates builds (with the extra CAs above).
 env_args=(HOME=/root TERM="${TERM:-dumb}" LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)
 while IFS='=' read -r name value; do
   env_args+=("$name=$value")
   for v in $value; do
+    case "$v" in /etc/ssl/*|/usr/share/ca-certificates/*|/usr/local/share/ca-certificates/*) continue ;; esac
     if [[ "$v" == /* ]] && [ -e "$v" ] && [ ! -e "$root$v" ]; then
       if [ -d "$v" ]; then mkdir -p "$root$v"; else mkdir -p "$root$(dirname "$v")"; touch "$root$v"; fi
       mount --bind "$v" "$root$v" && mount -o remount,bind,ro "$root$v"
