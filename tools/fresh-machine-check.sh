@@ -75,6 +75,13 @@ fi
 root=$workdir/root
 src=/src/kata-vmfactory
 server_pid=""
+# The server's process group (see below), or its first pid before setsid has run.
+server_alive() { kill -0 -- "-$server_pid" 2>/dev/null || kill -0 "$server_pid" 2>/dev/null; }
+stop_server() {
+  kill -TERM -- "-$server_pid" 2>/dev/null || kill -TERM "$server_pid" 2>/dev/null
+  for _ in $(seq "$server_stop_timeout_s"); do server_alive || return 0; sleep 1; done
+  return 1
+}
 
 # Pids of processes whose root directory is the chroot: only what this check started.
 inside_pids() {
@@ -89,8 +96,8 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   set +e
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid"
+  if [ -n "$server_pid" ] && server_alive; then
+    stop_server
   fi
   if [ -x "$root/usr/bin/bazel" ] && [ -d "$root$src" ]; then
     chroot "$root" /bin/sh -c "cd $src && bazel shutdown" >/dev/null 2>&1
@@ -196,11 +203,14 @@ inroot() { chroot "$root" /usr/bin/env -i "${env_args[@]}" /bin/bash -c "cd $src
 # 1. The server command, until the pool is full. Its first run is the bootstrap.
 server_log=$workdir/server.log
 say "./bazelw run //vmcache:server (log: $server_log)"
-inroot "exec ./bazelw run //vmcache:server" > "$server_log" 2>&1 &
+# Its own session and process group (setsid keeps the pid): SIGTERM to the group reaches the
+# server whichever of bazelw, the Bazel client or the binary holds it.
+( exec setsid chroot "$root" /usr/bin/env -i "${env_args[@]}" /bin/bash -c \
+    "cd $src && exec ./bazelw run //vmcache:server" ) > "$server_log" 2>&1 &
 server_pid=$!
 deadline=$((SECONDS + server_full_timeout_s))
 full=0
-while kill -0 "$server_pid" 2>/dev/null; do
+while server_alive; do
   if grep -q 'vmcache: VM cache server start' "$server_log"; then
     want=$(sed -nE 's/^vmcache: preparing ([0-9]+) .*/\1/p' "$server_log" | head -1)
     have=$(grep -c '^vmcache: VM .* ready in' "$server_log" || true)
@@ -219,9 +229,7 @@ else
   tail -30 "$server_log" >&2
   die "the server did not reach a full pool (log above)"
 fi
-kill -TERM "$server_pid"
-for _ in $(seq "$server_stop_timeout_s"); do kill -0 "$server_pid" 2>/dev/null || break; sleep 1; done
-kill -0 "$server_pid" 2>/dev/null && die "the server did not stop within ${server_stop_timeout_s} s of SIGTERM"
+stop_server || die "the server did not stop within ${server_stop_timeout_s} s of SIGTERM"
 server_pid=""
 grep -q 'vmcache: VM cache server stop' "$server_log" || die "the server exited without its stop message (see $server_log)"
 phase "server stop"
