@@ -31,7 +31,11 @@ RNDRESEEDCRNG = 0x5207
 MAX_READ_RANDOM_BYTES = 4096
 # Bound for OnlineCPUMem{wait}. Under TCG (QEMU 7.2) the first CPU hot-added to a 1-vCPU guest
 # takes ~12.5 s to come online unless the kernel runs with no_ipi_broadcast=1 (then ~1 s); 20 s
-# covers both. The host's own timeout for that call must be longer (factory/agent/client.py).
+# covers both. Memory blocks are waited for too (a DIMM's appear after earlier ACPI events are
+# handled). A hot-add that stalls past this (24-44 s was once reported under TCG on a loaded host;
+# not reproduced here in ~60 hot-adds, serial and 3 clones at once) gets an error naming what
+# stayed offline instead of a hang. The host's own timeout for that call must be longer
+# (factory/agent/client.py).
 ONLINE_WAIT_TIMEOUT_S = 20.0
 # While an OnlineCPUMem{wait} is pending, sysfs is rescanned this often in case a uevent is lost.
 ONLINE_WAIT_RESCAN_S = 0.05
