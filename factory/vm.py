@@ -182,8 +182,16 @@ class VM:
         self.memory_mib += size_mib  # upstream forgets this; status would lie
 
     async def online_cpu_memory(self, ctx: Context | None = None) -> None:
-        """Has the guest online hot-plugged CPUs and memory, waiting until all CPUs are up."""
-        await self.agent.online_cpu_mem(nb_cpus=self.cpu, wait=True, ctx=ctx)
+        """Has the guest online hot-plugged CPUs and memory; returns once all of them are online.
+
+        Both are waited for: a DIMM's memory blocks appear in the guest only after the ACPI
+        events queued before it (a CPU hot-add's) are handled, so "the CPUs are up" does not
+        mean the memory is. The agent's error names what stayed offline."""
+        try:
+            await self.agent.online_cpu_mem(nb_cpus=self.cpu, memory_mib=self.memory_mib, wait=True, ctx=ctx)
+        except AgentError as err:
+            raise type(err)(f"VM {self.id}: hot-plugged CPUs or memory not online ({self.cpu} CPUs and "
+                            f"{self.memory_mib} MiB wanted): {err}; stop this VM and take another") from None
         self.cpu_delta = 0
 
     async def reseed_rng(self, ctx: Context | None = None) -> None:

@@ -69,11 +69,13 @@ def _env(args: Sequence[str]) -> int:
     config = loader.load(FLAGS.config)
     hv = config.vm_config.hypervisor
     kernel = assets.kernel_info()
+    pin = assets.kernel_pin()
     accel = accelerator.choose(hv.accelerator, hv.qemu_path)
     print(json.dumps({
         "Runtime": {"Version": RUNTIME_VERSION, "Config": config.path},
         "Kernel": {"Path": hv.kernel_path, "Package": kernel.get("package", "not installed"),
-                   "Version": kernel.get("version", ""), "Release": kernel.get("release", "")},
+                   "Version": kernel.get("version", ""), "Release": kernel.get("release", ""),
+                   "Pin": pin},
         "Initrd": {"Path": hv.initrd_path},
         "Hypervisor": {"Path": hv.qemu_path, "Version": qemu_version(hv.qemu_path), "Machine": hv.machine,
                        "Accelerator": accel.name, "AcceleratorReason": accel.reason, "CPUModel": accel.cpu_model},

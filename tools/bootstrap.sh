@@ -8,10 +8,17 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 state=${KATA_VMFACTORY_STATE:-/var/cache/kata-vmfactory}
 venv=${KATA_VMFACTORY_VENV:-$state/venv}
 
-# bazel-bootstrap is Debian's Bazel 4.2.3 (the newest reachable offline);
-# busybox-static and cpio go into the guest image; systemd brings
-# systemd-analyze, which checks the VMCache unit (minimal images lack it).
-apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio python3-venv systemd)
+# What a `debootstrap --variant=minbase bookworm` root lacks for the README's
+# two commands (tools/fresh-machine-check.sh proves the list):
+# - bazel-bootstrap: Debian's Bazel 4.2.3 (the newest reachable offline);
+# - python3-dev, gcc, libc6-dev: Python.h and a C toolchain for the Cython
+#   extensions in native/ and the guest's static helper (bazel-bootstrap pulls
+#   build-essential today; named here because the project needs them, not Bazel);
+# - python3-venv: the pinned venv; ca-certificates: pip's HTTPS;
+# - busybox-static and cpio go into the guest image;
+# - systemd brings systemd-analyze, which checks the VMCache unit.
+apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio
+              python3 python3-dev python3-venv gcc libc6-dev ca-certificates systemd)
 
 step() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -23,8 +30,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || { echo "bootstrap: need root to install ${missing[*]}" >&2; exit 1; }
   step "installing ${missing[*]}"
   t0=$SECONDS
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # apt's output is kept for a failure only (dpkg reports on stdout).
+  apt_log=$(mktemp /tmp/bootstrap-apt.XXXXXX)
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$apt_log" 2>&1; then
+    tail -n 40 "$apt_log" >&2
+    echo "bootstrap: installing ${missing[*]} failed (apt's last lines above, all of it in $apt_log)" >&2
+    exit 1
+  fi
+  rm -f "$apt_log"
   step "apt done in $((SECONDS - t0)) s"
 fi
 
@@ -47,9 +61,14 @@ if [ "$want" != "$have" ] || [ ! -x "$venv/bin/python3" ]; then
   step "venv done in $((SECONDS - t0)) s"
 fi
 
-if [ ! -e "$state/kernel/current/kernel.json" ]; then
+# The guest kernel is pinned (tools/guest_kernel.pin.json); a stamp of the
+# pin file's hash, written once `current` is that kernel, makes the second run free.
+pin_want=$(sha256sum < "$root/tools/guest_kernel.pin.json" | cut -d' ' -f1)
+pin_have=$(cat "$state/kernel/.pin.sha256" 2>/dev/null || true)
+if [ "$pin_want" != "$pin_have" ] || [ ! -e "$state/kernel/current/kernel.json" ]; then
   t0=$SECONDS
-  step "fetching the guest kernel into $state/kernel"
+  step "fetching the pinned guest kernel into $state/kernel"
   "$venv/bin/python3" "$root/tools/guest_kernel.py" --cache-dir "$state/kernel"
+  echo "$pin_want" > "$state/kernel/.pin.sha256"
   step "kernel done in $((SECONDS - t0)) s"
 fi

@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Fetch Debian's generic kernel package and unpack a directly bootable guest kernel.
+"""Fetch the pinned Debian kernel package and unpack a directly bootable guest kernel.
 
 Usage (from the project bootstrap, as root):
 
     python3 tools/guest_kernel.py --cache-dir /var/cache/kata-vmfactory/kernel
     python3 tools/guest_kernel.py --cache-dir /var/cache/kata-vmfactory/kernel --print
+    python3 tools/guest_kernel.py --repin      # move the pin to Debian's current kernel
+
+The pin is tools/guest_kernel.pin.json: package, exact version and the sha256 of its .deb.
+`apt-get download package=version` fetches exactly that; a digest mismatch is refused. When the
+archive no longer carries the pinned version, the error says to run --repin.
 
 Result, under the cache directory:
 
@@ -15,9 +20,8 @@ Result, under the cache directory:
         kernel.json                         what the build and the factory need to know
     current -> linux-image-..._<version>    replaced atomically once the directory is complete
 
-Idempotent: when `current` is complete and apt's package lists have not changed since the last
-lookup, nothing is run at all (apt-cache alone takes ~1.5 s on these machines because the
-Docker-style apt configuration disables apt's binary cache).
+Idempotent: when `current` is the pinned package, nothing is run (no apt at all). A cached
+kernel that is not the pin is replaced.
 
 Standard library only: it runs before the project venv exists.
 """
@@ -40,11 +44,16 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-META_PACKAGE = "linux-image-amd64"
-APT_LISTS_DIR = Path("/var/lib/apt/lists")
+META_PACKAGE = "linux-image-amd64"  # only for --repin: what Debian's current kernel is
+# The one kernel the project builds and tests with: the guest kernel decides boot time, template
+# metadata and hot-plug behaviour, so it moves only by a reviewed change of this file.
+PIN_FILE = Path(__file__).resolve().parent / "guest_kernel.pin.json"
+REPIN_HINT = (
+    "move the pin with `tools/guest_kernel.py --repin` (records the kernel linux-image-amd64 "
+    "names today, with its sha256), then run the README's test command and commit the pin file"
+)
 XZ_MAGIC = b"\xfd7zXZ\x00"
 KERNEL_JSON = "kernel.json"
-LOOKUP_JSON = "lookup.json"  # remembers the last apt answer and the lists it came from
 CURRENT_LINK = "current"
 # kernel.json layout version: bump when keys change so readers can refuse old files.
 KERNEL_JSON_FORMAT = 1
@@ -79,21 +88,6 @@ def _run(argv: list[str], what: str, cwd: Optional[Path] = None) -> str:
             f"{what}: `{' '.join(argv)}` exited {proc.returncode}: " + " | ".join(detail)
         )
     return proc.stdout
-
-
-def apt_lists_fingerprint() -> str:
-    """Digest of apt's package lists: apt-cache's answers can only change when this does."""
-    digest = hashlib.sha256()
-    try:
-        entries = sorted(os.scandir(APT_LISTS_DIR), key=lambda e: e.name)
-    except FileNotFoundError:
-        return "no-lists"
-    for entry in entries:
-        if entry.name in ("lock", "partial") or not entry.is_file():
-            continue
-        st = entry.stat()
-        digest.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 def _lookup_versioned_package() -> tuple[str, str]:
@@ -244,23 +238,49 @@ def _point_current(cache_dir: Path, target_name: str) -> None:
     log(f"{link} -> {target_name}")
 
 
-def _unpack(cache_dir: Path, package: str, version: str, final_dir: Path) -> dict:
+def _download(package: str, version: str, into: Path) -> Path:
+    """apt-get download package=version into a new directory under `into`; the .deb's path."""
+    download_dir = into / "download"
+    download_dir.mkdir()
+    # apt drops to the _apt user for downloads: let it write here (no warning, sandboxed).
+    os.chmod(into, 0o755)
+    os.chmod(download_dir, 0o777)
+    log(f"downloading {package}={version}")
+    try:
+        _run(["apt-get", "download", f"{package}={version}"], f"downloading {package}", download_dir)
+    except KernelError as first:
+        # Stale package lists are the common cause; a second miss means the archive dropped it.
+        log(f"download failed ({first}); running apt-get update and retrying")
+        _run(["apt-get", "update"], "apt-get update (needed because the download failed)")
+        try:
+            _run(["apt-get", "download", f"{package}={version}"], f"downloading {package}", download_dir)
+        except KernelError as exc:
+            raise KernelError(
+                f"the pinned guest kernel {package}={version} cannot be downloaded ({exc}); "
+                f"when the archive no longer carries it, {REPIN_HINT}"
+            ) from exc
+    debs = sorted(download_dir.glob("*.deb"))
+    if len(debs) != 1:
+        raise KernelError(f"apt-get download {package} left {len(debs)} .deb files, expected 1")
+    return debs[0]
+
+
+def _unpack(cache_dir: Path, pin: dict, final_dir: Path) -> dict:
+    package, version = pin["package"], pin["version"]
     started = time.monotonic()
     staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=cache_dir))
     try:
-        download_dir = staging / "download"
-        download_dir.mkdir()
-        # apt drops to the _apt user for downloads: let it write here (no warning, sandboxed).
-        os.chmod(staging, 0o755)
-        os.chmod(download_dir, 0o777)
-        log(f"downloading {package}={version}")
-        _run(["apt-get", "download", f"{package}={version}"], f"downloading {package}", download_dir)
-        debs = sorted(download_dir.glob("*.deb"))
-        if len(debs) != 1:
-            raise KernelError(f"apt-get download {package} left {len(debs)} .deb files, expected 1")
+        deb = _download(pin["package"], pin["version"], staging)
+        digest = file_sha256(deb)
+        if digest != pin["deb_sha256"]:
+            raise KernelError(
+                f"{deb.name} has sha256 {digest}, the pin says {pin['deb_sha256']}: the archive "
+                f"serves different contents under {pin['package']}={pin['version']}; check the apt "
+                f"sources, then {REPIN_HINT}"
+            )
         root = staging / "root"
-        log(f"unpacking {debs[0].name} ({debs[0].stat().st_size // (1 << 20)} MiB)")
-        _run(["dpkg", "-x", str(debs[0]), str(root)], f"unpacking {debs[0].name}")
+        log(f"unpacking {deb.name} ({deb.stat().st_size // (1 << 20)} MiB)")
+        _run(["dpkg", "-x", str(deb), str(root)], f"unpacking {deb.name}")
 
         bzimages = sorted((root / "boot").glob("vmlinuz-*"))
         if len(bzimages) != 1:
@@ -278,6 +298,7 @@ def _unpack(cache_dir: Path, package: str, version: str, final_dir: Path) -> dic
             "format": KERNEL_JSON_FORMAT,
             "package": package,
             "version": version,
+            "deb_sha256": digest,
             "release": release,
             "vmlinux": str(final_dir / "vmlinux"),
             "vmlinux_size": len(elf),
@@ -296,63 +317,86 @@ def _unpack(cache_dir: Path, package: str, version: str, final_dir: Path) -> dic
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def ensure_kernel(cache_dir: Path) -> dict:
+def read_pin(pin_file: Path = PIN_FILE) -> dict:
+    """The pinned kernel package: {"package", "version", "deb_sha256"}."""
+    try:
+        pin = json.loads(pin_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise KernelError(f"cannot read the kernel pin {pin_file}: {exc}; {REPIN_HINT}") from exc
+    missing = [key for key in ("package", "version", "deb_sha256") if not isinstance(pin.get(key), str)]
+    if missing:
+        raise KernelError(f"kernel pin {pin_file} lacks {', '.join(missing)}; {REPIN_HINT}")
+    return pin
+
+
+def matches_pin(info: Optional[dict], pin: dict) -> bool:
+    """Is the unpacked kernel `info` the pinned package? Debian never reuses a version for other
+    contents, so a directory unpacked before digests were recorded matches on name and version."""
+    if info is None or (info.get("package"), info.get("version")) != (pin["package"], pin["version"]):
+        return False
+    return info.get("deb_sha256", pin["deb_sha256"]) == pin["deb_sha256"]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_kernel(cache_dir: Path, pin: dict) -> dict:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / ".lock", "w") as lock:
         # Two bootstraps at once would race on the staging/rename steps.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _ensure_kernel_locked(cache_dir)
+        return _ensure_kernel_locked(cache_dir, pin)
 
 
-def _ensure_kernel_locked(cache_dir: Path) -> dict:
-    fingerprint = apt_lists_fingerprint()
+def _ensure_kernel_locked(cache_dir: Path, pin: dict) -> dict:
     current = read_kernel_json(cache_dir / CURRENT_LINK)
-    try:
-        lookup = json.loads((cache_dir / LOOKUP_JSON).read_text())
-    except (OSError, ValueError):
-        lookup = {}
-    if (
-        current is not None
-        and lookup.get("apt_lists_fingerprint") == fingerprint
-        and _dir_name(lookup.get("package", ""), lookup.get("version", ""))
-        == os.readlink(cache_dir / CURRENT_LINK)
-    ):
-        log(f"up to date: {current['package']} {current['version']} (apt lists unchanged)")
+    if matches_pin(current, pin):
+        log(f"up to date: {pin['package']} {pin['version']} (the pin)")
         return current
-
-    try:
-        package, version = lookup_versioned_package()
-    except KernelError as exc:
-        if current is None:
-            raise
-        log(f"WARNING: {exc}; keeping the cached kernel {current['package']} {current['version']}")
-        return current
-    log(f"{META_PACKAGE} -> {package} {version}")
-    final_dir = cache_dir / _dir_name(package, version)
+    if current is not None:
+        log(f"cached kernel {current.get('package')} {current.get('version')} is not the pin; replacing it")
+    final_dir = cache_dir / _dir_name(pin["package"], pin["version"])
     info = read_kernel_json(final_dir)
-    if info is None:
-        info = _unpack(cache_dir, package, version, final_dir)
+    if not matches_pin(info, pin):
+        info = _unpack(cache_dir, pin, final_dir)
     else:
         log(f"already unpacked: {final_dir}")
     _point_current(cache_dir, final_dir.name)
-    # Written last: the fast path is only taken once `current` is known to match the lookup.
-    _write_atomic(
-        cache_dir / LOOKUP_JSON,
-        json.dumps(
-            {"apt_lists_fingerprint": apt_lists_fingerprint(), "package": package, "version": version}
-        ).encode(),
-    )
     return info
+
+
+def repin(pin_file: Path = PIN_FILE) -> dict:
+    """Point the pin at the kernel linux-image-amd64 names today; record its .deb's sha256."""
+    package, version = lookup_versioned_package()
+    with tempfile.TemporaryDirectory(prefix="guest-kernel-repin.") as tmp:
+        deb = _download(package, version, Path(tmp))
+        pin = {"package": package, "version": version, "deb_sha256": file_sha256(deb)}
+    _write_atomic(pin_file, (json.dumps(pin, indent=2) + "\n").encode())
+    log(f"pinned {package} {version} (sha256 {pin['deb_sha256']}) in {pin_file}; commit it")
+    return pin
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", type=Path, required=True, help="where kernels are unpacked")
+    parser.add_argument("--cache-dir", type=Path, help="where kernels are unpacked")
     parser.add_argument(
         "--print", action="store_true", help="print kernel.json of `current` and do nothing else"
     )
+    parser.add_argument(
+        "--repin", action="store_true", help=f"point {PIN_FILE.name} at Debian's current kernel"
+    )
     args = parser.parse_args(argv)
+    if not args.repin and args.cache_dir is None:
+        parser.error("--cache-dir is required (except with --repin)")
     try:
+        if args.repin:
+            print(json.dumps(repin(), indent=2))
+            return 0
         if args.print:
             info = read_kernel_json(args.cache_dir / CURRENT_LINK)
             if info is None:
@@ -361,7 +405,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     f"`python3 tools/guest_kernel.py --cache-dir {args.cache_dir}` first"
                 )
         else:
-            info = ensure_kernel(args.cache_dir)
+            info = ensure_kernel(args.cache_dir, read_pin())
     except KernelError as exc:
         log(f"error: {exc}")
         return 1

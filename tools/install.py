@@ -97,6 +97,8 @@ def install(layout: Layout, out=sys.stdout) -> None:
                     # Compiled now, so the programs never write (unrecorded) bytecode beside the install.
                     put(Path(importlib.util.cache_from_source(str(target))),
                         lambda t, s=target: py_compile.compile(str(s), cfile=str(t), doraise=True))
+    pin = WORKSPACE / "tools" / "guest_kernel.pin.json"  # what `kata-runtime env` compares against
+    put(layout.lib / "tools" / pin.name, lambda t: shutil.copyfile(pin, t))
     print(f"install: programs in {layout.lib}", file=out)
     put(layout.share / "vmlinux", lambda t: shutil.copyfile(kernel, t))
     put(layout.share / "initramfs.cpio.gz",

@@ -181,11 +181,11 @@ class AgentClient:
                          agent_pb2.SetGuestDateTimeRequest(sec=sec, usec=usec), timeout_s, ctx)
 
     async def online_cpu_mem(self, nb_cpus: int = 0, cpu_only: bool = False, wait: bool = False,
-                             timeout_s: float = REQUEST_TIMEOUT_S,
+                             memory_mib: int = 0, timeout_s: float = REQUEST_TIMEOUT_S,
                              ctx: Context | None = None) -> agent_pb2.OnlineCPUMemReply:
-        reply = await self._call("OnlineCPUMem", "online_cpu_mem",
-                                 agent_pb2.OnlineCPUMemRequest(nb_cpus=nb_cpus, cpu_only=cpu_only, wait=wait),
-                                 timeout_s, ctx)
+        """With wait: answers once nb_cpus CPUs and memory_mib MiB are online (0: not checked)."""
+        request = agent_pb2.OnlineCPUMemRequest(nb_cpus=nb_cpus, cpu_only=cpu_only, wait=wait, memory_mib=memory_mib)
+        reply = await self._call("OnlineCPUMem", "online_cpu_mem", request, timeout_s, ctx)
         return cast(agent_pb2.OnlineCPUMemReply, reply)
 
     async def read_random(self, length: int, timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> bytes:

@@ -23,6 +23,8 @@ def contain_helper() -> str:
     if not os.access(path, os.X_OK):
         raise FileNotFoundError(f"vmf-contain helper {path} missing: add //guest:vmf-contain to the test's data, or set KVF_CONTAIN")
     return path
+# x86-64 with less than 64 GiB of RAM: 128 MiB memory blocks, as in the real guest.
+FAKE_MEMORY_BLOCK_BYTES = 128 << 20
 
 
 def _write(path: str, text: str) -> None:
@@ -42,6 +44,7 @@ class FakeGuest:
         # The boot CPU has no `online` file: it cannot be offlined.
         os.makedirs(os.path.join(self.root.cpu_dir, "cpu0"), exist_ok=True)
         os.makedirs(self.root.memory_dir, exist_ok=True)
+        _write(os.path.join(self.root.memory_dir, "block_size_bytes"), f"{FAKE_MEMORY_BLOCK_BYTES:x}\n")
 
     def set_mem_total(self, kib: int) -> None:
         _write(self.root.path("proc/meminfo"), f"MemTotal:       {kib} kB\nMemFree:        {kib // 2} kB\n")

@@ -103,6 +103,36 @@ def online_memory(root: GuestRoot, blocks: Optional[Iterable[int]] = None) -> On
     return result
 
 
+def memory_block_bytes(root: GuestRoot) -> int:
+    """Size of one memory block (hex in sysfs); 0 when the guest has no memory hot-plug."""
+    try:
+        with open(os.path.join(root.memory_dir, "block_size_bytes")) as f:
+            return int(f.read().strip(), 16)
+    except FileNotFoundError:
+        return 0
+
+
+def _memory_state(root: GuestRoot, block: int) -> Optional[str]:
+    try:
+        with open(_memory_state_file(root, block)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def offline_memory_blocks(root: GuestRoot) -> List[int]:
+    return [block for block in memory_blocks(root) if _memory_state(root, block) == "offline"]
+
+
+def online_memory_mib(root: GuestRoot) -> int:
+    """Memory in online blocks, MiB: boot memory plus every hot-plugged block that is online.
+
+    Unlike MemTotal (which the kernel's own reservations lower), this adds up to the VM's
+    configured size once all of it is online, so the host can wait for an exact target."""
+    online = sum(1 for block in memory_blocks(root) if _memory_state(root, block) == "online")
+    return online * memory_block_bytes(root) >> 20
+
+
 def device_number(devpath: str, kind: str) -> Optional[int]:
     """The N of /devices/system/cpu/cpuN (kind "cpu") or .../memory/memoryN (kind "memory")."""
     match = (_CPU_DIR if kind == "cpu" else _MEMORY_DIR).search(devpath)

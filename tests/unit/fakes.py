@@ -79,7 +79,7 @@ class FakeAgent:
     async def set_guest_date_time(self, sec, usec, ctx=None):
         self._record("set_time")
 
-    async def online_cpu_mem(self, nb_cpus=0, cpu_only=False, wait=False, ctx=None):
+    async def online_cpu_mem(self, nb_cpus=0, cpu_only=False, wait=False, memory_mib=0, ctx=None):
         self._record(f"online {nb_cpus}")
 
 

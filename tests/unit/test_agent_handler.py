@@ -171,7 +171,36 @@ def test_online_cpu_mem_wait_is_bounded(handler, clock):
     clock.now += 5.0
     [message] = handler.tick()
     assert message.response.id == 3
-    assert "1 of nb_cpus=3 CPUs online after 5 s" in message.response.error
+    assert "1 of nb_cpus=3 CPUs online (present: [0]) after 5 s" in message.response.error
+
+
+def test_online_cpu_mem_waits_for_memory_after_the_cpus(handler, guest, clock):
+    # The CPU is already up; the DIMM's blocks appear later (ACPI events are handled in order).
+    guest.add_cpu(1, online=True)
+    guest.add_memory_blocks([0, 1, 2, 3], online=True)
+    request = agent_pb2.Request(
+        id=5, online_cpu_mem=agent_pb2.OnlineCPUMemRequest(wait=True, nb_cpus=2, memory_mib=768)
+    )
+    assert handler.handle_frame(request.SerializeToString()) == []
+    clock.now += 1
+    assert handler.tick() == []
+    guest.add_memory_blocks([32, 33])
+    clock.now += 0.05
+    [message] = handler.tick()
+    assert message.response.error == ""
+    reply = message.response.online_cpu_mem
+    assert (reply.online_memory_mib, reply.onlined_memory_blocks) == (768, 2)
+    assert guest.memory_state(32) == guest.memory_state(33) == "online"
+
+
+def test_online_cpu_mem_memory_wait_names_what_stayed_offline(handler, guest, clock):
+    guest.add_memory_blocks([0, 1, 2, 3], online=True)
+    request = agent_pb2.Request(id=6, online_cpu_mem=agent_pb2.OnlineCPUMemRequest(wait=True, memory_mib=768))
+    assert handler.handle_frame(request.SerializeToString()) == []
+    guest.add_memory_blocks([32])  # one of the two blocks arrives and is onlined
+    clock.now += 5.0
+    [message] = handler.tick()
+    assert "640 of memory_mib=768 MiB online (offline blocks: [], block size 128 MiB) after 5 s" in message.response.error
 
 
 def test_online_cpu_mem_refuses_more_cpus_than_possible(handler):
