@@ -4,9 +4,9 @@ The initramfs is a Bazel output that binaries and tests carry in their
 runfiles, next to this package; the kernel comes from the bootstrap's cache.
 """
 import json
-from typing import Any, cast
 import os
 from pathlib import Path
+from typing import Any, cast
 
 STATE_DIR = Path(os.environ.get("KATA_VMFACTORY_STATE", "/var/cache/kata-vmfactory"))
 KERNEL_DIR = STATE_DIR / "kernel" / "current"

@@ -22,17 +22,16 @@ from typing import Any, AsyncIterator
 from opentelemetry.context import Context
 
 from factory import memfile, ownership, reaper, template_store, tracing
-from factory.ownership import OwnerKind
-from hostos import files, locks, mountinfo, mounts, safetree
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import TemplateError
-from factory.hypervisor import cmdline
-from factory.hypervisor import accelerator
+from factory.hypervisor import accelerator, cmdline
 from factory.hypervisor.accelerator import Accelerator
 from factory.hypervisor.binary import qemu_version
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir
+from factory.ownership import OwnerKind
 from factory.vm import VM
+from hostos import files, locks, mountinfo, mounts, safetree
 from protocols.agent.framing import PROTOCOL_VERSION
 
 DEFAULT_TEMPLATE_PATH = "/run/vc/vm/template"

@@ -18,9 +18,9 @@ from factory import ownership, sharedfs, tracing
 from factory.agent.client import AgentClient
 from factory.config import VMConfig
 from factory.errors import AgentError, AgentTimeoutError, BootError, HypervisorError
-from hostos import process
 from factory.hypervisor.qemu import Qemu, QemuState
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, tail
+from hostos import process
 
 # Entropy sent to the guest after every clone or hand-off (upstream: 512 bytes).
 RESEED_BYTES = 512
@@ -123,10 +123,10 @@ class VM:
                     await self.agent.check(timeout_s=HANDSHAKE_TRY_S, ctx=span_ctx)
                     self.needs_handshake = False
                     return
-                except AgentTimeoutError:
+                except AgentTimeoutError as err:
                     if not self.hypervisor.is_alive():
                         raise BootError(f"VM {self.id}: QEMU exited while resuming\n"
-                                        f"guest console (last lines):\n{tail(self.hypervisor.run.console_log)}")
+                                        f"guest console (last lines):\n{tail(self.hypervisor.run.console_log)}") from err
                     if time.monotonic() > deadline:
                         raise
 

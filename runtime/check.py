@@ -7,10 +7,10 @@ import subprocess
 import tempfile
 from typing import Callable, TextIO
 
-from hostos import mounts
+from configuration.loader import RuntimeConfig
 from factory.config import HypervisorConfig
 from factory.hypervisor import accelerator
-from configuration.loader import RuntimeConfig
+from hostos import mounts
 
 
 def _qemu_capabilities(qemu: str) -> str:

@@ -11,14 +11,14 @@ import grpc
 from google.protobuf import empty_pb2, json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from configuration import loader
+from configuration.loader import RuntimeConfig
 from factory import reaper
 from factory.errors import FactoryError, TemplateError
 from factory.ownership import OwnerKind
 from factory.template import TemplateFactory
-from protocols.cache import cache_pb2, cache_pb2_grpc
-from configuration import loader
-from configuration.loader import RuntimeConfig
 from hostos import sockets
+from protocols.cache import cache_pb2_grpc
 from protocols.pool import pool_pb2_grpc
 from runtime import programs
 

@@ -60,8 +60,9 @@ def _version(args: Sequence[str]) -> int:
 
 def _env(args: Sequence[str]) -> int:
     import json
-    from factory import assets
+
     from configuration import loader
+    from factory import assets
     from factory.hypervisor import accelerator
     from factory.hypervisor.binary import qemu_version
 
@@ -84,15 +85,15 @@ def _env(args: Sequence[str]) -> int:
 
 
 def _factory(args: Sequence[str]) -> int:
-    from runtime import factory_cli
     from configuration import loader
+    from runtime import factory_cli
 
     return factory_cli.run(loader.load(FLAGS.config), args, sys.stdout, FLAGS.json)
 
 
 def _check(args: Sequence[str]) -> int:
-    from runtime import check
     from configuration import loader
+    from runtime import check
 
     return check.run(loader.load(FLAGS.config), sys.stdout)
 
@@ -157,9 +158,8 @@ def _shim(args: Sequence[str]) -> int:
     from logging.handlers import RotatingFileHandler
 
     from configuration import loader
-    from runtime.sandbox.shim import run_shim
-
     from factory import tracing
+    from runtime.sandbox.shim import run_shim
 
     container_id, bundle = args
     store = _store()

@@ -4,10 +4,10 @@ Bazel genrules call this instead of a system protoc: the generated code must
 match the pinned protobuf runtime, and grpc_tools carries the matching compiler.
 """
 import sys
+from importlib import resources
 
 import grpc_tools
 from grpc_tools import protoc
-from importlib import resources
 
 
 def main() -> int:

@@ -14,10 +14,10 @@ import asyncio
 import sys
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from factory.errors import FactoryError
 from configuration import loader
+from factory.errors import FactoryError
 from vmcache.server import serve
 
 flags.DEFINE_string("config", None, "configuration.toml to use")

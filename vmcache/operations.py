@@ -9,12 +9,12 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from configuration.loader import RuntimeConfig, split_address
 from factory.cache import CacheFactory, SlotSnapshot
 from factory.factory import Factory
 from factory.template import TemplateFactory
 from factory.vm import VM
 from protocols.pool import pool_pb2_grpc
-from configuration.loader import RuntimeConfig, split_address
 from vmcache.health import PoolHealth
 from vmcache.metrics import Metrics, failure_reason
 from vmcache.pool_service import PoolService

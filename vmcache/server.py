@@ -15,11 +15,11 @@ from typing import TextIO
 
 import grpc
 
+from configuration.loader import RuntimeConfig
 from factory import reaper, tracing
 from factory.errors import ConfigError
 from factory.factory import new_factory
 from factory.vm import VM
-from configuration.loader import RuntimeConfig
 from hostos import safetree
 from vmcache import endpoint, peergate
 from vmcache.operations import Operations

@@ -58,6 +58,10 @@ def _claimant(context: _Context) -> Owner | None:
     return owner if owner.is_alive() else None
 
 
+def _nothing() -> None:
+    pass
+
+
 class CacheService:
     def __init__(self, factory: Factory, on_quit: Callable[[], None],
                  on_handed_out: Callable[[float], None] = lambda seconds: None) -> None:
@@ -77,7 +81,7 @@ class CacheService:
     async def get_base_vm(self, request: empty_pb2.Empty, context: _Context) -> bytes:
         started = time.perf_counter()
         with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(context), subsystem="vmcache") as ctx:
-            refill: Callable[[], None] = lambda: None
+            refill: Callable[[], None] = _nothing
             try:
                 if isinstance(self.factory.base, CacheFactory):
                     vm, refill = await self.factory.base.take(ctx)

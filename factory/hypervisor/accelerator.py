@@ -15,7 +15,6 @@ import threading
 from factory.config import ACCELERATORS
 from factory.errors import ConfigError
 
-
 # A KVM start probe that takes longer than this is as good as a hang.
 KVM_PROBE_TIMEOUT_S = 5.0
 

@@ -21,9 +21,9 @@ from factory import ownership, tracing
 from factory.config import HypervisorConfig
 from factory.errors import BootError, HypervisorError, HypervisorTimeoutError
 from factory.hypervisor import accelerator, cmdline
-from hostos import files, process
 from factory.hypervisor.qmp import QMP, fd_from_path
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir, tail
+from hostos import files, process
 
 # QEMU's launcher process returns once the daemon is initialised (~50 ms);
 # a loaded 2-core host running several TCG guests can take seconds.

@@ -42,9 +42,9 @@ class QMP:
             try:
                 await asyncio.wait_for(self._client.connect(self.socket_path), remaining)
                 return
-            except (ConnectError, OSError):
+            except (ConnectError, OSError) as err:
                 if not alive():
-                    raise HypervisorError(f"QEMU exited before its QMP socket {self.socket_path} answered")
+                    raise HypervisorError(f"QEMU exited before its QMP socket {self.socket_path} answered") from err
                 await asyncio.sleep(CONNECT_RETRY_S)
             except asyncio.TimeoutError:
                 continue

@@ -55,14 +55,14 @@ class _PendingOnline:
 class AgentHandler:
     def __init__(
         self,
-        root: GuestRoot = GuestRoot(),
+        root: GuestRoot | None = None,
         *,
         set_realtime_ns: Callable[[int], None] = lambda ns: time.clock_settime_ns(time.CLOCK_REALTIME, ns),
         monotonic: Callable[[], float] = time.monotonic,
         online_wait_timeout_s: float = ONLINE_WAIT_TIMEOUT_S,
         mount: mounts.MountFunction = mounts.mount_syscall,
     ) -> None:
-        self.root = root
+        self.root = root if root is not None else GuestRoot()
         self._set_realtime_ns = set_realtime_ns
         self._monotonic = monotonic
         self._online_wait_timeout_s = online_wait_timeout_s

@@ -18,7 +18,6 @@ from guest.agent.service import AgentService
 from guest.agent.uevent import UeventSocket
 from protocols.agent.framing import PROTOCOL_VERSION
 
-
 USAGE = """usage: kata-agent [--port-name NAME] [--root DIR] [--no-uevents]
   --port-name NAME  virtio-serial port to serve (default agent.0)
   --root DIR        where proc/, sys/ and dev/ are (default /)

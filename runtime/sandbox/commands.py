@@ -17,11 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Sequence, TextIO
 
-from hostos import files
-from hostos import process as host_process
 from factory import reaper, sharedfs
 from factory.ownership import OwnerKind
 from factory.vm import stop_recorded
+from hostos import files
+from hostos import process as host_process
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
 from runtime.sandbox import control
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore

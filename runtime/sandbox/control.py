@@ -176,6 +176,11 @@ async def receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[int
         raise
 
 
+def _set_once(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
 async def _recv_with_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
     fds = array.array("i")
     while True:
@@ -183,8 +188,8 @@ async def _recv_with_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -
             data, ancillary, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
             break
         except BlockingIOError:
-            ready = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _set_once, ready)
             try:
                 await ready
             finally:

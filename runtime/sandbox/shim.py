@@ -23,19 +23,17 @@ import select
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from opentelemetry.context import Context
 
-from factory import ownership, sharedfs, tracing
-from factory.errors import AgentError
-from hostos import mounts
-from factory.config import VMConfig
-from factory.ownership import OwnerKind
-from hostos import process as host_process
-from factory.vm import VM
 from configuration.loader import RuntimeConfig
+from factory import ownership, sharedfs, tracing
+from factory.config import VMConfig
+from factory.errors import AgentError
+from factory.ownership import OwnerKind
+from factory.vm import VM
+from hostos import process as host_process
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
 from runtime.sandbox import control, vm_source
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore, now_rfc3339

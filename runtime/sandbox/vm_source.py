@@ -10,10 +10,10 @@ import logging
 
 from opentelemetry.context import Context
 
+from configuration.loader import RuntimeConfig
 from factory.errors import FactoryError
 from factory.factory import Factory, new_factory
 from factory.template import TemplateFactory
-from configuration.loader import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ async def open_factory(config: RuntimeConfig, ctx: Context | None = None) -> tup
     if config.enable_template:
         try:
             return await new_factory(local, fetch_only=True, ctx=ctx), "template", warnings
-        except FactoryError as err:
+        except FactoryError:
             if not TemplateFactory(local.vm_config, local.template_path).exists():
                 try:
                     # The first sandbox makes the template (as Kata 1.x does),

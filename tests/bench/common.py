@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from factory import assets
-from factory.config import AgentConfig, DEFAULT_QEMU, HypervisorConfig, VMConfig
+from factory.config import DEFAULT_QEMU, AgentConfig, HypervisorConfig, VMConfig
 from factory.hypervisor import accelerator
 from factory.hypervisor.binary import qemu_version
 

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.integration.bundles import make_bundle
-from tests.integration.vmtest import write_config
 from tests.bench import common, runner
 from tests.bench.vmcache_server import VMCacheServer
+from tests.integration.bundles import make_bundle
+from tests.integration.vmtest import write_config
 
 # Runfiles: this file is <runfiles>/<workspace>/tests/bench/; the runtime is a data dependency.
 RUNTIME = Path(__file__).parent.parent.parent / "runtime" / "kata-runtime"

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 from hostos.process import pids_mentioning
 

@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 
-from tests.integration.vmtest import base_config, clean_up_root, short_tempdir
-
 from factory.vm import VM
+from tests.integration.vmtest import base_config, clean_up_root, short_tempdir
 
 
 @pytest.fixture

@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import time
 
 import pytest
 
-from tests.integration.vmtest import base_config, processes_mentioning
-
-from factory.cache import CacheFactory
-from factory.direct import DirectFactory
 from factory.errors import TemplateError
-from factory.factory import Factory, FactoryConfig, new_factory
+from factory.factory import FactoryConfig, new_factory
 from factory.template import TemplateFactory
+from tests.integration.vmtest import base_config
 
 
 def process_alive(pid: int) -> bool:
@@ -91,7 +87,6 @@ def test_cache_over_direct_and_a_killed_cached_vm_is_replaced(run_root):
     async def body():
         factory = await new_factory(FactoryConfig(cache=1, vm_config=base_config(), run_root=run_root))
         try:
-            cache: CacheFactory = factory.base
             deadline = time.monotonic() + 120
             while not factory.status():
                 assert time.monotonic() < deadline, "the cache never filled"

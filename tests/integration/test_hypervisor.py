@@ -8,11 +8,10 @@ import time
 
 import pytest
 
-from tests.integration.vmtest import base_config
-
 from factory.errors import AgentTimeoutError, BootError, ConfigError
 from factory.hypervisor.qemu import Qemu
 from factory.vm import VM
+from tests.integration.vmtest import base_config
 
 
 async def _clone(template_cfg, run_root) -> VM:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import statistics
 import time
@@ -12,7 +11,6 @@ import pytest
 from factory.errors import AgentError
 from factory.vm import VM
 from tests.integration.vmtest import GUEST_SHARED, SHARED_TAG, base_config, share_rootfs
-
 
 
 def _rootfs(vm: VM, container_id: str) -> str:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from configuration import loader
 from factory import ownership
 from factory.errors import FactoryError
 from factory.factory import Factory
@@ -25,7 +26,6 @@ from factory.ownership import Owner, OwnerKind
 from factory.template import TemplateFactory
 from factory.vm import VM
 from hostos import process
-from configuration import loader
 from tests.integration.vmcache_server import Server
 from tests.integration.vmtest import base_config, mounts_under, write_config
 

@@ -9,18 +9,15 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import pytest
 from google.protobuf import empty_pb2
 
 from factory.config import VMConfig
 from factory.factory import FactoryConfig, new_factory
 from factory.grpccache import GrpcCacheFactory
 from hostos import process
-from factory.hypervisor.qemu import Qemu, QemuState
 from native import vmstate
 from tests.integration.vmcache_server import RUNTIME, SERVER, Server, stop_handed_out
 from tests.integration.vmtest import TEST_MEMORY_MIB, write_config
-
 
 
 def _write_config(root: str, template: bool = True, cache: int = 2) -> str:

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from factory.config import AgentConfig, HypervisorConfig, VMConfig
 from factory import sharedfs
+from factory.config import AgentConfig, HypervisorConfig, VMConfig
 from factory.vm import VM
 from hostos import mounts
 from hostos.process import pids_mentioning as processes_mentioning
@@ -99,7 +99,7 @@ def clean_up_root(root: str) -> list[str]:
     while pids and time.monotonic() < deadline and processes_mentioning(root):
         time.sleep(0.05)
     if os.path.isdir(root):
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, _dirnames, filenames in os.walk(root):
             if "hypervisor.json" in filenames or "pid" in filenames:
                 leaks.append(f"VM run directory {dirpath} left behind")
             for name in filenames:

@@ -3,7 +3,6 @@
 The guest side runs in a thread over a fake /proc and /sys tree; no VM.
 """
 import asyncio
-import fcntl
 import os
 import socket
 import tempfile
@@ -21,7 +20,7 @@ from factory.agent.client import AgentClient
 from factory.errors import AgentError, AgentTimeoutError
 from guest.agent import AGENT_VERSION
 from guest.agent.fakeroot import BOOT_ID, FakeGuest, can_reseed_host_crng
-from guest.agent.handler import RNDRESEEDCRNG, AgentHandler
+from guest.agent.handler import AgentHandler
 from guest.agent.service import AgentService
 from protocols.agent.framing import PROTOCOL_VERSION
 

@@ -1,6 +1,5 @@
 """guest/agent/handler.py against a fake /proc and /sys tree (no VM)."""
 import os
-import struct
 import time
 
 import pytest

@@ -1,8 +1,8 @@
 """configuration.toml: lookup order, strict schema, errors naming key, value and file."""
 import pytest
 
-from factory.errors import ConfigError
 from configuration import loader
+from factory.errors import ConfigError
 
 
 def test_built_in_configuration_is_valid_and_used_when_nothing_else_exists(monkeypatch):

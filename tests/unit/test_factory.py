@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import pytest
 
-from tests.unit import fakes
-from tests.unit.fakes import FlakyBase as _FlakyBase, config as _config
 from factory import cache as cache_module
 from factory.base import FactoryBase
 from factory.cache import CacheFactory
-from factory.config import HypervisorConfig, VMConfig
 from factory.direct import DirectFactory
 from factory.errors import ConfigError, FactoryError
 from factory.factory import Factory, FactoryConfig, check_vm_config, new_factory
 from factory.ownership import OwnerKind
+from tests.unit import fakes
+from tests.unit.fakes import FlakyBase as _FlakyBase
+from tests.unit.fakes import config as _config
 
 
 def test_sizes_and_template_fields_do_not_make_configs_incompatible():

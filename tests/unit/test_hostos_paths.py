@@ -3,7 +3,6 @@ directories, mounts below a tree. Mount tests need root (the project's tests run
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 

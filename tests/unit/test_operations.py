@@ -6,10 +6,10 @@ import socket
 import pytest
 from grpc_health.v1 import health_pb2
 
+from configuration import loader
 from factory.cache import SlotSnapshot, SlotState
 from factory.errors import ConfigError, TemplateError
 from hostos import sdnotify
-from configuration import loader
 from vmcache.health import NOT_SERVING, SERVING, PoolHealth
 from vmcache.metrics import Metrics, failure_reason
 

@@ -10,6 +10,7 @@ from google.protobuf import wrappers_pb2
 
 from vmcache.peergate import PeerGate
 
+
 def _echo_handler() -> grpc.GenericRpcHandler:
     async def echo(request: wrappers_pb2.StringValue, context) -> wrappers_pb2.StringValue:
         return wrappers_pb2.StringValue(value=request.value * 2)

@@ -1,5 +1,4 @@
 """The QEMU command line per launch mode, and config validation (no VM)."""
-import dataclasses
 from pathlib import Path
 
 import pytest

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
+from factory import sharedfs as share
 from factory.hypervisor.rundir import RunDir
 from hostos import mountinfo
-from factory import sharedfs as share
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 

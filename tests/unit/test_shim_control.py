@@ -8,7 +8,8 @@ import socket
 import threading
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hostos import locks
 from runtime.sandbox import control

@@ -8,7 +8,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from factory import tracing
 from factory.factory import Factory
-from tests.unit.fakes import FlakyBase as _FlakyBase, config as _config
+from tests.unit.fakes import FlakyBase as _FlakyBase
+from tests.unit.fakes import config as _config
 
 _exporter = InMemorySpanExporter()
 _provider = TracerProvider()

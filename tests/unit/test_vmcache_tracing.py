@@ -2,7 +2,6 @@
 import asyncio
 import os
 import tempfile
-from types import SimpleNamespace
 
 import grpc
 from google.protobuf import empty_pb2

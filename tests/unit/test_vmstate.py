@@ -1,6 +1,7 @@
 """The GrpcVM wire codec: Cython and pure Python agree, and protobuf agrees with both."""
-from hypothesis import given, strategies as st
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from native import vmstate, vmstate_pure
 from protocols.cache import cache_pb2

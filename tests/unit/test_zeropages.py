@@ -2,7 +2,8 @@
 import sys
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from native import zeropages, zeropages_pure
 
