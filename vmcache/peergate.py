@@ -35,7 +35,7 @@ class PeerGate:
         self.inner_path = inner_path
         self.allowed_uids = allowed_uids
         self._server: asyncio.base_events.Server | None = None
-        self._relays: set[asyncio.Task] = set()
+        self._relays: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         # Created 0600 from the first instant, not chmod-ed after a window.
@@ -61,6 +61,7 @@ class PeerGate:
             writer.close()
             return
         task = asyncio.current_task()
+        assert task is not None  # a connection handler always runs as a task
         self._relays.add(task)
         try:
             up_reader, up_writer = await asyncio.open_unix_connection(self.inner_path)
