@@ -145,7 +145,8 @@ def parse(text: str, where: str = EMBEDDED) -> RuntimeConfig:
 
     cache_number = factory.get("vm_cache_number", 0)
     if not 0 <= cache_number <= MAX_VM_CACHE_NUMBER:
-        raise ConfigError(f"{where}: factory.vm_cache_number = {cache_number} must be between 0 and {MAX_VM_CACHE_NUMBER}")
+        raise ConfigError(f"{where}: factory.vm_cache_number = {cache_number} must be between 0 and "
+                          f"{MAX_VM_CACHE_NUMBER}")
     # Upstream checkFactoryConfig: templating needs an initrd (an image cannot be shared).
     if factory.get("enable_template") and not vm_config.hypervisor.initrd_path:
         raise ConfigError(f"{where}: Factory option enable_template requires an initrd image")

@@ -72,7 +72,8 @@ class HypervisorConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"hypervisor {name} must be a non-negative integer, got {value!r}")
         if c.boot_to_be_template and c.boot_from_template:
-            raise ConfigError("hypervisor config sets both boot_to_be_template and boot_from_template; a VM is either the template or a clone")
+            raise ConfigError("hypervisor config sets both boot_to_be_template and boot_from_template; "
+                              "a VM is either the template or a clone")
         if (c.boot_to_be_template or c.boot_from_template) and not c.memory_path:
             raise ConfigError("hypervisor memory_path is empty; a template or a clone needs the template's memory file")
         if c.boot_from_template and not c.devices_state_path:
@@ -85,7 +86,8 @@ class HypervisorConfig:
             raise ConfigError(f"hypervisor num_vcpus {num_vcpus} is more than max_vcpus {max_vcpus}")
         memory = c.memory_mib or DEFAULT_MEMORY_MIB
         if memory < MIN_MEMORY_MIB:
-            raise ConfigError(f"hypervisor memory_mib {memory} is below the {MIN_MEMORY_MIB} MiB the guest needs to boot")
+            raise ConfigError(f"hypervisor memory_mib {memory} is below the {MIN_MEMORY_MIB} MiB "
+                              "the guest needs to boot")
         max_memory = c.max_memory_mib or _host_memory_mib()
         if max_memory > MAX_MEMORY_MIB_LIMIT:
             raise ConfigError(f"hypervisor max_memory_mib {max_memory} is absurd (limit {MAX_MEMORY_MIB_LIMIT})")
@@ -133,7 +135,8 @@ class VMConfig:
 
     def valid(self) -> "VMConfig":
         if self.hypervisor_type not in HYPERVISOR_TYPES:
-            raise ConfigError(f"hypervisor type {self.hypervisor_type!r} is not supported; use one of {', '.join(HYPERVISOR_TYPES)}")
+            raise ConfigError(f"hypervisor type {self.hypervisor_type!r} is not supported; "
+                              f"use one of {', '.join(HYPERVISOR_TYPES)}")
         return dataclasses.replace(self, hypervisor=self.hypervisor.valid(), agent=self.agent.valid())
 
     def to_dict(self) -> dict[str, Any]:

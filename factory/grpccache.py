@@ -90,11 +90,13 @@ class GrpcCacheFactory(FactoryBase):
                 fields = await self._get_base_vm(empty_pb2.Empty(), timeout=GET_BASE_VM_TIMEOUT_S,
                                                  metadata=_metadata(span_ctx) + _claim_metadata())
             except grpc.aio.AioRpcError as err:
-                raise FactoryError(f"failed to GetBaseVM from {self.endpoint}: {err.details() or err.code().name}") from err
+                raise FactoryError(f"failed to GetBaseVM from {self.endpoint}: "
+                                   f"{err.details() or err.code().name}") from err
             try:
                 state = QemuState.from_dict(json.loads(fields.hypervisor))
             except (ValueError, TypeError) as err:
-                raise FactoryError(f"VMCache server sent an unreadable hypervisor state for VM {fields.id!r}: {err}") from err
+                raise FactoryError(f"VMCache server sent an unreadable hypervisor state "
+                                   f"for VM {fields.id!r}: {err}") from err
             handover.check_handed_vm(fields.id, state, self.run_root)
             return await VM.attach(self._config, state, fields.cpu, fields.memory, fields.cpu_delta, span_ctx)
 

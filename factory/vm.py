@@ -89,7 +89,8 @@ class VM:
                 check.result()
                 self.needs_handshake = False
             except AgentTimeoutError as err:
-                raise AgentTimeoutError(f"{err}\nguest console (last lines):\n{tail(self.hypervisor.run.console_log)}") from err
+                raise AgentTimeoutError(f"{err}\nguest console (last lines):\n"
+                                        f"{tail(self.hypervisor.run.console_log)}") from err
             except AgentError as err:
                 # The channel closes when QEMU exits (a guest panic with -no-reboot).
                 if await asyncio.to_thread(process.wait_gone, self.hypervisor.state.pid,
@@ -126,7 +127,8 @@ class VM:
                 except AgentTimeoutError as err:
                     if not self.hypervisor.is_alive():
                         raise BootError(f"VM {self.id}: QEMU exited while resuming\n"
-                                        f"guest console (last lines):\n{tail(self.hypervisor.run.console_log)}") from err
+                                        f"guest console (last lines):\n"
+                                        f"{tail(self.hypervisor.run.console_log)}") from err
                     if time.monotonic() > deadline:
                         raise
 

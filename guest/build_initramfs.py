@@ -202,7 +202,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--kernel-json", required=True, help="kernel.json written by tools/guest_kernel.py")
     parser.add_argument("--busybox", default="/bin/busybox", help="a static busybox")
     parser.add_argument("--init", default=os.path.join(here, "init"), help="the guest's /init script")
-    parser.add_argument("--contain", default=None, help="the static vmf-contain helper (bazel build //guest:vmf-contain)")
+    parser.add_argument("--contain", default=None,
+                        help="the static vmf-contain helper (bazel build //guest:vmf-contain)")
     parser.add_argument("--agent-source", action="append", default=[], help="an agent source file (repeat)")
     parser.add_argument(
         "--source-root", action="append", default=[],

@@ -95,7 +95,8 @@ def decode_grpc_vm(data: bytes) -> GrpcVMFields:
                 try:
                     fields[number] = chunk.decode()
                 except UnicodeDecodeError as err:
-                    raise ValueError(f"GrpcVM field {'id' if number == 1 else 'proxy_url'} is not UTF-8: {err}") from None
+                    raise ValueError(f"GrpcVM field {'id' if number == 1 else 'proxy_url'} is not UTF-8: "
+                                     f"{err}") from None
             elif number == 2:
                 fields[2] = bytes(chunk)
         elif wire == 1:

@@ -119,7 +119,8 @@ def status(config: RuntimeConfig, out: TextIO, as_json: bool = False) -> int:
             try:
                 reply = stub.Status(empty_pb2.Empty(), timeout=RPC_TIMEOUT_S)
                 facts["vm_cache"] = {"endpoint": endpoint, "server_pid": reply.pid,
-                                     "vms": [{"pid": v.pid, "cpu": v.cpu, "memory_mib": v.memory} for v in reply.vmstatus]}
+                                     "vms": [{"pid": v.pid, "cpu": v.cpu, "memory_mib": v.memory}
+                                             for v in reply.vmstatus]}
                 if as_json:
                     facts["vm_cache"].update(_pool_details(channel))
                 else:

@@ -32,7 +32,8 @@ def main(bep_path: str) -> int:
             if result is None:
                 continue
             label = event["id"]["testResult"]["label"]
-            xmls = [unquote(urlparse(o["uri"]).path) for o in result.get("testActionOutput", []) if o.get("name") == "test.xml"]
+            xmls = [unquote(urlparse(o["uri"]).path) for o in result.get("testActionOutput", [])
+                    if o.get("name") == "test.xml"]
             try:
                 counts = count_cases(xmls[0]) if xmls else None
             except (OSError, ET.ParseError):

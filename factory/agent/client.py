@@ -173,7 +173,8 @@ class AgentClient:
 
     async def reseed_random_dev(self, data: bytes, timeout_s: float = REQUEST_TIMEOUT_S,
                                 ctx: Context | None = None) -> None:
-        await self._call("ReseedRandomDev", "reseed_random_dev", agent_pb2.ReseedRandomDevRequest(data=data), timeout_s, ctx)
+        await self._call("ReseedRandomDev", "reseed_random_dev", agent_pb2.ReseedRandomDevRequest(data=data),
+                         timeout_s, ctx)
 
     async def set_guest_date_time(self, sec: int, usec: int, timeout_s: float = REQUEST_TIMEOUT_S,
                                   ctx: Context | None = None) -> None:
@@ -189,7 +190,8 @@ class AgentClient:
         return cast(agent_pb2.OnlineCPUMemReply, reply)
 
     async def read_random(self, length: int, timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> bytes:
-        reply = await self._call("ReadRandom", "read_random", agent_pb2.ReadRandomRequest(length=length), timeout_s, ctx)
+        reply = await self._call("ReadRandom", "read_random", agent_pb2.ReadRandomRequest(length=length),
+                                 timeout_s, ctx)
         return bytes(reply.data)
 
     # ---- processes -----------------------------------------------------------
@@ -244,7 +246,8 @@ class AgentClient:
     async def start_process(self, exec_id: str, timeout_s: float = REQUEST_TIMEOUT_S,
                             ctx: Context | None = None) -> None:
         """Execs the created process; an exec failure is an AgentError."""
-        await self._call("StartProcess", "start_process", agent_pb2.StartProcessRequest(exec_id=exec_id), timeout_s, ctx)
+        await self._call("StartProcess", "start_process", agent_pb2.StartProcessRequest(exec_id=exec_id),
+                         timeout_s, ctx)
 
     async def wait_process(self, exec_id: str, timeout_s: float | None = None, ctx: Context | None = None) -> int:
         """The process's exit status (128 + signal if killed). No timeout unless given: a
@@ -265,7 +268,8 @@ class AgentClient:
         step = framing.MAX_FRAME_BYTES - 4096
         for offset in range(0, max(len(data), 1), step):
             await self._call("WriteStdin", "write_stdin",
-                             agent_pb2.WriteStdinRequest(exec_id=exec_id, data=data[offset:offset + step]), timeout_s, ctx)
+                             agent_pb2.WriteStdinRequest(exec_id=exec_id, data=data[offset:offset + step]),
+                             timeout_s, ctx)
 
     async def close_stdin(self, exec_id: str, timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> None:
         await self._call("CloseStdin", "close_stdin", agent_pb2.CloseStdinRequest(exec_id=exec_id), timeout_s, ctx)

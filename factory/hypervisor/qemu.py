@@ -158,12 +158,14 @@ class Qemu:
             if self._qmp is not None and not gone:
                 try:
                     await self._qmp.execute("quit", timeout_s=STOP_GRACE_S)
-                    gone = await asyncio.to_thread(process.wait_gone, self.state.pid, self.state.pid_start_time, STOP_GRACE_S)
+                    gone = await asyncio.to_thread(process.wait_gone, self.state.pid, self.state.pid_start_time,
+                                                   STOP_GRACE_S)
                 except HypervisorError:
                     pass  # signals below do the job
             await self.disconnect()
             if not gone:
-                gone = await asyncio.to_thread(process.terminate, self.state.pid, self.state.pid_start_time, STOP_GRACE_S)
+                gone = await asyncio.to_thread(process.terminate, self.state.pid, self.state.pid_start_time,
+                                               STOP_GRACE_S)
             self.run.remove()
             if not gone:
                 raise HypervisorError(f"VM {self.state.id}: QEMU pid {self.state.pid} survived SIGKILL")
@@ -230,7 +232,8 @@ class Qemu:
                 raise HypervisorError(f"VM {self.state.id}: all {self.state.memory_slots} memory slots are used")
             if self.state.memory_mib + size_mib > self.state.max_memory_mib:
                 raise HypervisorError(
-                    f"VM {self.state.id}: {self.state.memory_mib} + {size_mib} MiB exceeds max_memory_mib {self.state.max_memory_mib}")
+                    f"VM {self.state.id}: {self.state.memory_mib} + {size_mib} MiB exceeds max_memory_mib "
+                    f"{self.state.max_memory_mib}")
             qmp = self._qmp_or_fail()
             slot = len(self.state.hotplugged_memory) + 1
             backend, dimm = f"hpmem{slot}", f"dimm{slot}"
@@ -258,7 +261,8 @@ class Qemu:
 
     def _save_state(self) -> None:
         # Atomic: a reader never sees half a file.
-        files.write_atomic(str(self.run.state_file), json.dumps(self.state.to_dict(), sort_keys=True).encode(), mode=0o600)
+        files.write_atomic(str(self.run.state_file), json.dumps(self.state.to_dict(), sort_keys=True).encode(),
+                           mode=0o600)
 
 
 async def _daemonize(cmd: list[str], run: RunDir) -> tuple[int, int]:
@@ -275,7 +279,8 @@ async def _daemonize(cmd: list[str], run: RunDir) -> tuple[int, int]:
             launcher.kill()
             await asyncio.shield(launcher.wait())
         if isinstance(err, asyncio.TimeoutError):
-            raise HypervisorTimeoutError(f"QEMU did not finish starting within {LAUNCH_TIMEOUT_S:.0f} s: {' '.join(cmd)}") from None
+            raise HypervisorTimeoutError(f"QEMU did not finish starting within {LAUNCH_TIMEOUT_S:.0f} s: "
+                                         f"{' '.join(cmd)}") from None
         raise
     if code != 0:
         raise HypervisorError(f"QEMU exited with status {code} while starting: {' '.join(cmd)}")

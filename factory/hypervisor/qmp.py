@@ -57,7 +57,8 @@ class QMP:
         try:
             return await asyncio.wait_for(self._client.execute(command, arguments), timeout_s)
         except asyncio.TimeoutError as err:
-            raise HypervisorTimeoutError(f"QMP {command} on {self.socket_path} did not answer within {timeout_s:.1f} s") from err
+            raise HypervisorTimeoutError(f"QMP {command} on {self.socket_path} did not answer within "
+                                         f"{timeout_s:.1f} s") from err
         except ExecuteError as err:
             raise HypervisorError(f"QMP {command} {arguments or ''} failed: {err.error_class}: {err}") from err
         except (QMPError, EOFError, OSError) as err:

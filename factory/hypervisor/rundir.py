@@ -84,7 +84,8 @@ class RunDir:
         is on record, so the reaper can tell an orphan and undo the mount."""
         longest = max(len(str(self.qmp_socket)), len(str(self.agent_socket)))
         if longest > MAX_SOCKET_PATH:
-            raise ValueError(f"run directory {self.path} is too long for Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes); use a shorter run root")
+            raise ValueError(f"run directory {self.path} is too long for Unix sockets "
+                             f"({longest} > {MAX_SOCKET_PATH} bytes); use a shorter run root")
         self.path.mkdir(mode=0o700, parents=True, exist_ok=False)
         try:
             if record_owner is not None:

@@ -135,7 +135,8 @@ def _mount_args(request_mounts: Sequence[agent_pb2.Mount]) -> List[str]:
     args: List[str] = []
     for mount in request_mounts:
         if mount.type not in MOUNT_TYPES:
-            raise RequestError(f"mount {mount.destination}: type {mount.type!r} is not supported (one of {', '.join(MOUNT_TYPES)})")
+            raise RequestError(f"mount {mount.destination}: type {mount.type!r} is not supported "
+                               f"(one of {', '.join(MOUNT_TYPES)})")
         _check_container_path("mount destination", mount.destination)
         flags, data = mount_flags(mount.options)
         source = mount.source or mount.type
@@ -174,7 +175,8 @@ def helper_args(contain_path: str, request: agent_pb2.CreateProcessRequest, exec
             _check_container_path("masked path", path)
             args += ["--mask-path", path]
     args += _rlimit_args(request.rlimits)
-    args += ["--user", str(request.uid), str(request.gid), ",".join(str(g) for g in sorted(set(request.additional_gids)))]
+    args += ["--user", str(request.uid), str(request.gid),
+             ",".join(str(g) for g in sorted(set(request.additional_gids)))]
     if not request.guest_root or request.HasField("capabilities"):
         args += _capability_args(request)
     if request.no_new_privileges:

@@ -21,7 +21,8 @@ def contain_helper() -> str:
     """The vmf-contain binary for host-side tests: $KVF_CONTAIN, or the Bazel runfile."""
     path = os.environ.get("KVF_CONTAIN") or os.path.abspath(CONTAIN_RUNFILE)
     if not os.access(path, os.X_OK):
-        raise FileNotFoundError(f"vmf-contain helper {path} missing: add //guest:vmf-contain to the test's data, or set KVF_CONTAIN")
+        raise FileNotFoundError(f"vmf-contain helper {path} missing: add //guest:vmf-contain to the test's data, "
+                                "or set KVF_CONTAIN")
     return path
 # x86-64 with less than 64 GiB of RAM: 128 MiB memory blocks, as in the real guest.
 FAKE_MEMORY_BLOCK_BYTES = 128 << 20

@@ -306,10 +306,14 @@ class AgentHandler:
     # The stdin requests return a list: pushing this request's data may also finish earlier
     # requests that were waiting for room in the pipe.
 
-    def _handle_write_stdin(self, request_id: int, request: agent_pb2.WriteStdinRequest) -> List[agent_pb2.GuestMessage]:
+    def _handle_write_stdin(
+        self, request_id: int, request: agent_pb2.WriteStdinRequest
+    ) -> List[agent_pb2.GuestMessage]:
         return self.processes.write_stdin(request_id, request.exec_id, request.data)
 
-    def _handle_close_stdin(self, request_id: int, request: agent_pb2.CloseStdinRequest) -> List[agent_pb2.GuestMessage]:
+    def _handle_close_stdin(
+        self, request_id: int, request: agent_pb2.CloseStdinRequest
+    ) -> List[agent_pb2.GuestMessage]:
         return self.processes.close_stdin(request_id, request.exec_id)
 
     # --- helpers ---------------------------------------------------------------------------------

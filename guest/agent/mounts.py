@@ -121,7 +121,8 @@ def mount_9p_share(tag: str, mount_point: str, mountinfo_path: str, mount: Mount
         if existing.fstype == "9p" and existing.source == tag:
             return False
         raise RequestError(
-            f"{mount_point} already has a {existing.fstype} mount of {existing.source!r} on it, not the 9p share {tag!r}"
+            f"{mount_point} already has a {existing.fstype} mount of {existing.source!r} on it, "
+            f"not the 9p share {tag!r}"
         )
     os.makedirs(mount_point, exist_ok=True)
     try:

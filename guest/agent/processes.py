@@ -114,7 +114,8 @@ class CreatePlan:
         if request.guest_root:
             self.rootfs = self.rootfs or "/"
             if self.rootfs != "/":
-                raise RequestError(f"rootfs {self.rootfs!r} with guest_root: an uncontained process runs in the guest's /")
+                raise RequestError(f"rootfs {self.rootfs!r} with guest_root: "
+                                   "an uncontained process runs in the guest's /")
         elif os.path.normpath(self.rootfs or "/") == "/":
             raise RequestError(f"rootfs {self.rootfs!r} is the guest's root: a container needs its own rootfs")
         if not self.rootfs.startswith("/"):
@@ -171,7 +172,8 @@ class ProcessTable:
         """Fork the process; the answer comes from handle_ready() once the child is set up."""
         existing = self._procs.get(request.exec_id)
         if existing is not None and existing.state != EXITED:
-            raise RequestError(f"exec_id {request.exec_id!r} is already in use by process {existing.pid} ({existing.state})")
+            raise RequestError(f"exec_id {request.exec_id!r} is already in use by process "
+                               f"{existing.pid} ({existing.state})")
         plan = CreatePlan(request, self._contain_path, self._container_init(request))
         if request.guest_root:
             # Uncontained (host-trusted tests): the guest's own mounts and hostname.
@@ -433,9 +435,11 @@ class ProcessTable:
             # Never created: CreateProcess gets the error and the child goes without an event.
             why = error or "the child ended while setting up"
             if proc.create_request is not None:
-                messages.append(response_message(proc.create_request, f"create_process: process {proc.exec_id!r}: {why}"))
+                messages.append(response_message(proc.create_request,
+                                                 f"create_process: process {proc.exec_id!r}: {why}"))
             if proc.start_request is not None:
-                messages.append(response_message(proc.start_request, f"start_process: process {proc.exec_id!r} was never created: {why}"))
+                messages.append(response_message(proc.start_request,
+                                                 f"start_process: process {proc.exec_id!r} was never created: {why}"))
             log(f"process {proc.exec_id!r} failed to set up: {why}")
             self._procs.pop(proc.exec_id, None)
             self._close_pipes(proc)
@@ -444,7 +448,8 @@ class ProcessTable:
             proc.state = RUNNING
             if proc.start_request is not None:
                 if error:
-                    messages.append(response_message(proc.start_request, f"start_process: process {proc.exec_id!r}: {error}"))
+                    messages.append(response_message(proc.start_request,
+                                                     f"start_process: process {proc.exec_id!r}: {error}"))
                 else:
                     messages.append(reply_message(proc.start_request, "start_process"))
                 proc.start_request = None
@@ -559,7 +564,8 @@ class ProcessTable:
             messages.append(self._wait_reply(request_id, proc))
         proc.waits = []
         if proc.start_request is not None:  # the exec's verdict never came (cannot happen: EOF first)
-            messages.append(response_message(proc.start_request, f"start_process: process {proc.exec_id!r} exited with status {status}"))
+            messages.append(response_message(proc.start_request,
+                                             f"start_process: process {proc.exec_id!r} exited with status {status}"))
             proc.start_request = None
         log(f"process {proc.exec_id!r} (pid {proc.pid}) exited with status {status}")
         self._exited_order.append(proc.exec_id)

@@ -61,7 +61,8 @@ for name, module in sorted(sys.modules.items()):
         "origin": getattr(spec, "origin", None),
         "file": getattr(module, "__file__", None),
         "package": hasattr(module, "__path__"),
-        "namespace_dirs": list(getattr(module, "__path__", []) or []) if spec is not None and spec.origin in (None, "namespace") else [],
+        "namespace_dirs": (list(getattr(module, "__path__", []) or [])
+                           if spec is not None and spec.origin in (None, "namespace") else []),
     })
 print(json.dumps({"modules": report, "version": list(sys.version_info[:2]), "stdlib": sys.prefix}))
 """

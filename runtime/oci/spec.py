@@ -165,7 +165,8 @@ def _capabilities(raw: Any, where: str) -> dict[str, list[str]] | None:
     sets: dict[str, list[str]] = {}
     for name, names in raw.items():
         if name not in CAPABILITY_SETS:
-            raise SpecError(f"{where}: process.capabilities.{name} is not a capability set ({', '.join(CAPABILITY_SETS)})")
+            raise SpecError(f"{where}: process.capabilities.{name} is not a capability set "
+                            f"({', '.join(CAPABILITY_SETS)})")
         if not isinstance(names, list) or not all(isinstance(n, str) and n.startswith("CAP_") for n in names):
             raise SpecError(f"{where}: process.capabilities.{name} must be a list of CAP_* names, got {names!r}")
         refused = sorted(set(names) & set(REFUSED_CAPABILITIES))
@@ -185,10 +186,13 @@ def _rlimits(raw: Any, where: str) -> list[tuple[str, int, int]]:
     for entry in raw:
         kind = entry.get("type") if isinstance(entry, dict) else None
         if kind not in RLIMIT_NAMES:
-            raise SpecError(f"{where}: process.rlimits entry {entry!r}: type must be one of RLIMIT_NOFILE, RLIMIT_NPROC, ...")
+            raise SpecError(f"{where}: process.rlimits entry {entry!r}: "
+                            "type must be one of RLIMIT_NOFILE, RLIMIT_NPROC, ...")
         soft, hard = entry.get("soft"), entry.get("hard")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in (soft, hard)) or soft > hard:
-            raise SpecError(f"{where}: process.rlimits {kind}: soft {soft!r} and hard {hard!r} must be integers, soft <= hard")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64
+                   for v in (soft, hard)) or soft > hard:
+            raise SpecError(f"{where}: process.rlimits {kind}: soft {soft!r} and hard {hard!r} "
+                            "must be integers, soft <= hard")
         limits.append((kind, soft, hard))
     return limits
 
@@ -370,11 +374,14 @@ def default_spec() -> dict[str, Any]:
         "hostname": "kata",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755"]},
             {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
              "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
         ],
         "linux": {

@@ -110,7 +110,8 @@ def environment() -> dict[str, Any]:
 
 def environment_markdown(env: dict[str, Any], mode: str) -> str:
     lines = [
-        f"- machine: {env['cpu_model']}, {env['cores']} cores, {env['memory_gib']} GiB, host kernel {env['host_kernel']}",
+        f"- machine: {env['cpu_model']}, {env['cores']} cores, {env['memory_gib']} GiB, "
+        f"host kernel {env['host_kernel']}",
         f"- QEMU: {env['qemu']}",
         f"- accelerator: **{env['accelerator']}** ({env['accelerator_reason']})",
         f"- guest kernel: {env['guest_kernel']}",

@@ -219,7 +219,8 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
         section.notes.append(f"first template run (creates the template, untimed): "
                              f"{common.fmt_ms(extra['template_first_run_ms'])}")
     if "vmcache_start_s" in extra:
-        section.notes.append(f"VMCache server start to {POOL} VMs in `factory status`: {extra['vmcache_start_s']:.1f} s")
+        section.notes.append(f"VMCache server start to {POOL} VMs in `factory status`: "
+                             f"{extra['vmcache_start_s']:.1f} s")
 
     vmcache = stats["vmcache"]["first_ms"]
     section.targets.append(common.Target("run to first output with VMCache p50",

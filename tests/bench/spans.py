@@ -68,7 +68,8 @@ def probes() -> Iterator[None]:
     qmp_module.QMP.connect = _probe_async("bench.QMPConnect", lambda self, *a, **k: Path(self.socket_path).parent.name)(
         qmp_module.QMP.connect)
     agent_client.AgentClient.connect = _probe_async(
-        "bench.AgentConnect", lambda self, *a, **k: Path(self.socket_path).parent.name)(agent_client.AgentClient.connect)
+        "bench.AgentConnect", lambda self, *a, **k: Path(self.socket_path).parent.name)(
+        agent_client.AgentClient.connect)
     attach = VM.__dict__["attach"].__func__
     VM.attach = classmethod(_probe_async("bench.Attach", lambda cls, config, state, *a, **k: state.id)(attach))
     try:

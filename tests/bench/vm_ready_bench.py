@@ -149,7 +149,8 @@ def _report(section: common.Section, samples: dict[str, list[float]],
     rows = [[label, str(stats[k]["n"]), common.fmt_ms(stats[k]["p50"]), common.fmt_ms(stats[k]["p90"]),
              common.fmt_ms(stats[k]["min"]), common.fmt_ms(stats[k]["max"])]
             for k, label, _ in STRATEGIES if stats[k]["n"]]
-    ratio = stats["direct"]["p50"] / stats["template"]["p50"] if stats["direct"]["n"] and stats["template"]["n"] else None
+    ratio = (stats["direct"]["p50"] / stats["template"]["p50"]
+             if stats["direct"]["n"] and stats["template"]["n"] else None)
     if ratio:
         rows.append(["**direct : template** (p50 ratio)", "", f"{ratio:.1f}", "", "", ""])
     section.data["direct_template_ratio"] = ratio
@@ -177,10 +178,12 @@ def _report(section: common.Section, samples: dict[str, list[float]],
 
     if "template_create_s" in extra:
         section.notes.append(f"template creation (boot, save, zero-page punch): {extra['template_create_s']:.1f} s; "
-                             f"VMCache server start to a full pool of {POOL}: {extra.get('vmcache_start_s', float('nan')):.1f} s")
+                             f"VMCache server start to a full pool of {POOL}: "
+                             f"{extra.get('vmcache_start_s', float('nan')):.1f} s")
     if extra.get("new_client_connect_ms"):
         section.notes.append("new client per VM: new_factory (channel + Config RPC) takes "
-                             f"{common.fmt_ms(common.percentile(extra['new_client_connect_ms'], 50))} (p50) of its total")
+                             f"{common.fmt_ms(common.percentile(extra['new_client_connect_ms'], 50))} (p50) "
+                             "of its total")
     cost = spans.span_cost_us()
     per_get = medians.get("template", {}).get("span_count") or medians.get("cache", {}).get("span_count") or 0
     section.data["span_cost_us"] = cost

@@ -147,7 +147,8 @@ def test_a_container_cannot_open_the_agent_port(template, run_root):
             assert got["portdev"], f"the probe found no virtio port in sysfs: {stdout} {stderr}"
             assert got["reached"] == "0", stderr
             # Control: from the guest's root, a node in its devtmpfs /dev reaches the port.
-            stdout, stderr, _ = await _run(vm, **_process("g1", PORT_ATTACK.replace("DIRS", "/dev"), "", guest_root=True))
+            stdout, stderr, _ = await _run(vm, **_process("g1", PORT_ATTACK.replace("DIRS", "/dev"), "",
+                                                          guest_root=True))
             assert _fields(stdout)["reached"] == "1", stderr
         finally:
             await vm.stop()
@@ -234,7 +235,8 @@ def test_process_latency_in_a_clone(template, run_root, capsys):
         vm = await _clone(template, run_root)
         try:
             rootfs = _rootfs(vm, "t")
-            for label, fields in (("contained", {"rootfs": rootfs}), ("guest root", {"rootfs": "", "guest_root": True})):
+            for label, fields in (("contained", {"rootfs": rootfs}),
+                                  ("guest root", {"rootfs": "", "guest_root": True})):
                 phases: dict[str, list[float]] = {"create": [], "start": [], "first output": [], "exit": []}
                 for index in range(5):
                     exec_id = f"{label[0]}{index}"
@@ -252,7 +254,8 @@ def test_process_latency_in_a_clone(template, run_root, capsys):
                         if kind == "process_exited" and event.process_exited.exec_id == exec_id:
                             break
                     t3 = time.monotonic()
-                    for name, value in (("create", t1 - t0), ("start", t2 - t1), ("first output", first - t0), ("exit", t3 - t0)):
+                    for name, value in (("create", t1 - t0), ("start", t2 - t1), ("first output", first - t0),
+                                        ("exit", t3 - t0)):
                         phases[name].append(value * 1000)
                 with capsys.disabled():
                     print(f"\necho hello, {label}, medians of 5 from CreateProcess: "
@@ -297,7 +300,8 @@ def test_kata_runtime_run_applies_the_config_json(run_root):
     bundle = os.path.join(run_root, "b")
     script = ("echo id=$(id -u):$(id -G); echo nofile=$(ulimit -n); echo hostname=$(hostname); "
               "echo scratch=$(echo hi > /scratch/f && cat /scratch/f); echo data=$(cat /mnt/data/in-data); "
-              "echo nnp=$(grep NoNewPrivs /proc/self/status | tr -d ' \t'); echo rootro=$(touch /x 2>&1 | grep -c Read-only)")
+              "echo nnp=$(grep NoNewPrivs /proc/self/status | tr -d ' \t'); "
+              "echo rootro=$(touch /x 2>&1 | grep -c Read-only)")
     make_bundle(bundle, ["sh", "-c", script], hostname="rbox", root={"path": "rootfs", "readonly": True}, process={
         "terminal": False, "user": {"uid": 1000, "gid": 1000, "additionalGids": [3000]}, "args": ["sh", "-c", script],
         "env": ["PATH=/bin"], "cwd": "/", "noNewPrivileges": True,

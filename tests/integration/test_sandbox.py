@@ -72,7 +72,8 @@ def test_the_process_runs_on_the_guest_kernel(runtime, run_root):
 
 def test_lifecycle_walks_the_oci_states_and_exec_works(runtime, run_root):
     bundle = make_bundle(os.path.join(run_root, "b"), ["sleep", "600"])
-    pid_file = os.path.join(run_root, "container.pid")  # not "pid": the leak check takes a dir with one for a VM run dir
+    # not "pid": the leak check takes a dir with one for a VM run dir
+    pid_file = os.path.join(run_root, "container.pid")
     runtime("create", "c1", "--bundle", bundle, "--pid-file", pid_file, check=True)
     state = json.loads(runtime("state", "c1", check=True).stdout)
     assert state["status"] == "created" and state["id"] == "c1" and state["bundle"] == bundle
@@ -119,7 +120,8 @@ def test_two_containers_run_at_once_in_two_vms(runtime, run_root):
     ("no-such-binary", "'nonexistent-binary' not found in the rootfs"),
 ])
 def test_bad_bundles_fail_in_one_line_before_any_vm(runtime, run_root, breakage, message):
-    bundle = make_bundle(os.path.join(run_root, "b"), ["nonexistent-binary" if breakage == "no-such-binary" else "true"])
+    bundle = make_bundle(os.path.join(run_root, "b"),
+                         ["nonexistent-binary" if breakage == "no-such-binary" else "true"])
     config = Path(bundle, "config.json")
     if breakage == "no-config":
         config.unlink()

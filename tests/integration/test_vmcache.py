@@ -38,7 +38,8 @@ def test_server_status_client_and_destroy(run_root):
 
         out = _runtime(config, "factory", "status").stdout.splitlines()
         assert out[0] == f"VM cache server pid = {server.proc.pid}"
-        assert sorted(out[1:3]) == sorted(f"VM pid = {vm.pid} Cpu = 1 Memory = {TEST_MEMORY_MIB}MiB" for vm in status.vmstatus)
+        assert sorted(out[1:3]) == sorted(f"VM pid = {vm.pid} Cpu = 1 Memory = {TEST_MEMORY_MIB}MiB"
+                                          for vm in status.vmstatus)
         assert out[3] == "vm factory is on"
 
         async def client():

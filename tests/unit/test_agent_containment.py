@@ -73,7 +73,8 @@ def test_mounts_are_passed_in_order_and_sysfs_is_always_read_only():
               agent_pb2.Mount(type="sysfs", source="sysfs", destination="/sys2", options=["rw"])]
     got = _option(_args(mounts=mounts), "--mount", 5)
     assert got[0] == ["tmpfs", "tmpfs", "/scratch", str(containment.MS_NOSUID), "size=1m"]
-    assert got[1] == ["bind", "/data", "/mnt/data", str(containment.MS_BIND | containment.MS_REC | containment.MS_RDONLY), ""]
+    assert got[1] == ["bind", "/data", "/mnt/data",
+                      str(containment.MS_BIND | containment.MS_REC | containment.MS_RDONLY), ""]
     assert got[2][:4] == ["sysfs", "sysfs", "/sys2", str(containment.MS_RDONLY)]
 
 

@@ -256,7 +256,8 @@ def test_startup_announces_and_onlines(handler, guest):
     guest.add_cpu(1)
     [message] = handler.startup_messages()
     started = message.event.agent_started
-    assert (started.agent_version, started.protocol_version, started.boot_id) == (AGENT_VERSION, PROTOCOL_VERSION, BOOT_ID)
+    assert ((started.agent_version, started.protocol_version, started.boot_id)
+            == (AGENT_VERSION, PROTOCOL_VERSION, BOOT_ID))
     assert guest.cpu_online(1)
 
 

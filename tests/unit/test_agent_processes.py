@@ -74,7 +74,8 @@ class Guest:
     def exited(self, exec_id: str, timeout: float = 10.0) -> int:
         deadline = time.monotonic() + timeout
         while True:
-            done = [e.process_exited.exit_status for e in self.events(exec_id) if e.WhichOneof("kind") == "process_exited"]
+            done = [e.process_exited.exit_status for e in self.events(exec_id)
+                    if e.WhichOneof("kind") == "process_exited"]
             if done:
                 return done[0]
             assert time.monotonic() < deadline, f"process {exec_id} did not exit: {self.messages}"
@@ -537,7 +538,8 @@ def test_mount_shared_mounts_once(guest, tmp_path):
 
 def test_mount_shared_refuses_a_point_taken_by_something_else(guest):
     _mountinfo(guest, "40 22 0:40 / /run/x rw - tmpfs tmpfs rw")
-    reply = guest.response(guest.send(mount_shared=agent_pb2.MountSharedRequest(tag="kataShared", mount_point="/run/x")))
+    reply = guest.response(guest.send(
+        mount_shared=agent_pb2.MountSharedRequest(tag="kataShared", mount_point="/run/x")))
     assert "/run/x already has a tmpfs mount of 'tmpfs'" in reply.error and guest.mounts == []
 
 
@@ -558,7 +560,8 @@ def test_mount_errors_name_the_share(guest, tmp_path):
 
     _mountinfo(guest)
     handler = AgentHandler(guest.fake.root, mount=refuse)
-    request = agent_pb2.Request(id=1, mount_shared=agent_pb2.MountSharedRequest(tag="nope", mount_point=str(tmp_path / "m")))
+    request = agent_pb2.Request(id=1,
+                                mount_shared=agent_pb2.MountSharedRequest(tag="nope", mount_point=str(tmp_path / "m")))
     [message] = handler.handle_frame(request.SerializeToString())
     assert "mount -t 9p" in message.response.error and "mount_tag=nope" in message.response.error
 

@@ -45,7 +45,8 @@ def test_package_and_messages_match_upstream():
     for name, fields in UPSTREAM_MESSAGES.items():
         got = [(f.name, f.number, f.type, _is_repeated(f)) for f in file.message_types_by_name[name].fields]
         assert got == fields, name
-    assert file.message_types_by_name["GrpcStatus"].fields_by_name["vmstatus"].message_type.full_name == "cache.GrpcVMStatus"
+    assert (file.message_types_by_name["GrpcStatus"].fields_by_name["vmstatus"].message_type.full_name
+            == "cache.GrpcVMStatus")
 
 
 def test_service_matches_upstream():

@@ -44,7 +44,8 @@ def test_unset_or_zero_cache_number_disables_vmcache():
     ("[factory\n", "x.toml: not valid TOML"),
 ])
 def test_bad_configs_name_the_key_value_and_file(text, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError,
+                       match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         loader.parse(text, "x.toml")
 
 

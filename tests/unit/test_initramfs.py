@@ -31,7 +31,8 @@ def parse_newc(data):
     while True:
         assert data[pos : pos + 6] == b"070701"
         fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
-        mode, uid, mtime, size, rmaj, rmin, namesize = fields[1], fields[2], fields[5], fields[6], fields[9], fields[10], fields[11]
+        mode, uid, mtime, size, rmaj, rmin, namesize = (fields[1], fields[2], fields[5], fields[6], fields[9],
+                                                        fields[10], fields[11])
         name_start = pos + 110
         name = data[name_start : name_start + namesize - 1].decode()
         body = name_start + namesize

@@ -57,7 +57,8 @@ def test_bad_process_fields_are_named(process, message):
 
 def test_a_bind_inside_the_rootfs_becomes_a_container_path(tmp_path):
     bundle = _bundle(tmp_path, mounts=[
-        {"destination": "/mnt/data", "type": "bind", "source": str(tmp_path / "rootfs" / "data"), "options": ["rbind", "ro"]},
+        {"destination": "/mnt/data", "type": "bind", "source": str(tmp_path / "rootfs" / "data"),
+         "options": ["rbind", "ro"]},
         {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]},
         {"destination": "/mnt/rel", "type": "none", "source": "rootfs/data", "options": ["bind"]},
     ])
@@ -73,7 +74,8 @@ def test_a_host_bind_mount_is_refused_naming_it(tmp_path):
     host_dir = tmp_path / "host-secrets"
     host_dir.mkdir()
     bundle = _bundle(tmp_path, mounts=[{"destination": "/secrets", "type": "bind", "source": str(host_dir)}])
-    with pytest.raises(SpecError, match=f"mounts\\[0\\] /secrets: bind source {host_dir} is a host path outside the rootfs"):
+    with pytest.raises(SpecError,
+                       match=f"mounts\\[0\\] /secrets: bind source {host_dir} is a host path outside the rootfs"):
         load_bundle(bundle)
 
 

@@ -54,7 +54,8 @@ def test_kernel_params_are_appended_to_ours():
     ({"num_vcpus": 8}, "num_vcpus 8 is more than max_vcpus 4"),
     ({"memory_mib": 64}, "memory_mib 64 is below"),
     ({"memory_slots": -1}, "memory_slots must be a non-negative integer, got -1"),
-    ({"boot_to_be_template": True, "boot_from_template": True, "memory_path": "/m"}, "both boot_to_be_template and boot_from_template"),
+    ({"boot_to_be_template": True, "boot_from_template": True, "memory_path": "/m"},
+     "both boot_to_be_template and boot_from_template"),
     ({"boot_from_template": True}, "memory_path is empty"),
     ({"boot_from_template": True, "memory_path": "/m"}, "devices_state_path is empty"),
 ])

@@ -66,7 +66,8 @@ def test_owner_record_round_trips_and_names_the_acting_kind(run_root):
     assert owner == Owner(OwnerKind.CONTAINER, os.getpid(), process.start_time(os.getpid()), "c1")
     assert owner.is_alive()
     assert ownership.current().kind is OwnerKind.DIRECT  # reset after the block
-    assert set(os.listdir(run.path)) == {"shared", "shared.rw", "shared.mount", "logs", "logs.mount", "owner.json"}  # no temporary file
+    assert set(os.listdir(run.path)) == {"shared", "shared.rw", "shared.mount", "logs", "logs.mount",
+                                         "owner.json"}  # no temporary file
 
 
 def test_a_recycled_pid_is_not_the_owner():
