@@ -332,7 +332,8 @@ class AgentHandler:
         online = hotplug.count_online_cpus(self.root)
         online_mib = hotplug.online_memory_mib(self.root)
         cpus_short = request.wait and request.nb_cpus > 0 and online < request.nb_cpus
-        memory_short = request.wait and request.memory_mib > 0 and not request.cpu_only and online_mib < request.memory_mib
+        memory_short = (request.wait and request.memory_mib > 0 and not request.cpu_only
+                        and online_mib < request.memory_mib)
         if (cpus_short or memory_short) and now < pending.deadline:
             return None
         failures = cpus.failures + memory.failures  # of the latest scan: earlier ones may have cleared

@@ -199,7 +199,8 @@ def test_online_cpu_mem_memory_wait_names_what_stayed_offline(handler, guest, cl
     guest.add_memory_blocks([32])  # one of the two blocks arrives and is onlined
     clock.now += 5.0
     [message] = handler.tick()
-    assert "640 of memory_mib=768 MiB online (offline blocks: [], block size 128 MiB) after 5 s" in message.response.error
+    expected = "640 of memory_mib=768 MiB online (offline blocks: [], block size 128 MiB) after 5 s"
+    assert expected in message.response.error
 
 
 def test_online_cpu_mem_refuses_more_cpus_than_possible(handler):
