@@ -37,7 +37,7 @@ _HYPERVISOR_KEYS = {
 }
 _AGENT_KEYS = {"dial_timeout": (float, "dial_timeout_s"), "debug": (bool, "debug"), "enable_tracing": (bool, "trace")}
 _FACTORY_KEYS = {"enable_template": bool, "template_path": str, "vm_cache_number": int, "vm_cache_endpoint": str,
-                 "template_persist_path": str, "vm_cache_metrics_address": str}
+                 "template_persist_path": str, "vm_cache_metrics_address": str, "vm_cache_client_uids": list}
 _RUNTIME_KEYS = {"vm_run_root": str, "enable_tracing": bool, "tracing_exporter": str, "otlp_endpoint": str}
 
 
@@ -60,6 +60,8 @@ class RuntimeConfig:
     tracing: TracingConfig = TracingConfig()
     template_persist_path: str = ""  # "": the template lives on tmpfs only
     vm_cache_metrics_address: str = ""  # "host:port" of the Prometheus endpoint; "": off
+    # Users besides root and the server's own whose processes may take VMs (SO_PEERCRED).
+    vm_cache_client_uids: tuple[int, ...] = ()
 
     def factory_config(self, cache: int = 0, vm_cache: bool | None = None) -> FactoryConfig:
         return FactoryConfig(template=self.enable_template, template_path=self.template_path,
@@ -159,6 +161,11 @@ def parse(text: str, where: str = EMBEDDED) -> RuntimeConfig:
             split_address(factory["vm_cache_metrics_address"])
         except ValueError as err:
             raise ConfigError(f"{where}: factory.vm_cache_metrics_address: {err}") from err
+    client_uids = factory.get("vm_cache_client_uids", [])
+    for uid in client_uids:
+        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 2**32 - 1:
+            raise ConfigError(f"{where}: factory.vm_cache_client_uids has {uid!r}; list numeric user IDs "
+                              "(0 to 4294967294), e.g. [1000]")
     exporter = runtime.get("tracing_exporter", "console")
     if exporter not in ("console", "otlp"):
         raise ConfigError(f"{where}: runtime.tracing_exporter = {exporter!r} must be console or otlp")
@@ -173,6 +180,7 @@ def parse(text: str, where: str = EMBEDDED) -> RuntimeConfig:
         tracing=TracingConfig(runtime.get("enable_tracing", False), exporter, runtime.get("otlp_endpoint", "")),
         template_persist_path=factory.get("template_persist_path", ""),
         vm_cache_metrics_address=factory.get("vm_cache_metrics_address", ""),
+        vm_cache_client_uids=tuple(client_uids),
     )
 
 

@@ -31,10 +31,10 @@ STOP_GRACE_S = 2.0
 log = logging.getLogger(__name__)
 
 
-async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr,
-                allowed_uids: frozenset[int] = frozenset({0, os.geteuid()})) -> None:
-    """Serves until SIGTERM/SIGINT or a Quit call; only peers whose uid is in `allowed_uids`
-    (root and the server's own user by default) are served."""
+async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
+    """Serves until SIGTERM/SIGINT or a Quit call; only peers running as root, as the server's own
+    user or as one of factory.vm_cache_client_uids are served (checked by SO_PEERCRED)."""
+    allowed_uids = frozenset({0, os.geteuid(), *config.vm_cache_client_uids})
     if config.vm_cache_number <= 0:
         raise ConfigError(f"{config.path}: factory.vm_cache_number is {config.vm_cache_number}, so VMCache is "
                           "disabled; set it to the number of VMs to keep ready")

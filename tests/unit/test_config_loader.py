@@ -42,11 +42,20 @@ def test_unset_or_zero_cache_number_disables_vmcache():
     ("[hypervisor.firecracker]\n", "unknown key(s) in [hypervisor]: firecracker"),
     ("[bogus]\n", "unknown section(s): bogus"),
     ("[factory\n", "x.toml: not valid TOML"),
+    ("[factory]\nvm_cache_client_uids = 1000\n", "factory.vm_cache_client_uids = 1000 must be a list"),
+    ("[factory]\nvm_cache_client_uids = [\"alice\"]\n",
+     "factory.vm_cache_client_uids has 'alice'; list numeric user IDs"),
 ])
 def test_bad_configs_name_the_key_value_and_file(text, message):
     with pytest.raises(ConfigError,
                        match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
         loader.parse(text, "x.toml")
+
+
+def test_vmcache_client_uids_are_read_and_empty_by_default():
+    assert loader.parse("", "x.toml").vm_cache_client_uids == ()
+    config = loader.parse("[factory]\nvm_cache_client_uids = [1000, 1001]\n", "x.toml")
+    assert config.vm_cache_client_uids == (1000, 1001)
 
 
 def test_a_missing_config_file_is_named():
