@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -21,13 +20,12 @@ from typing import Any, AsyncIterator
 
 from opentelemetry.context import Context
 
-from factory import memfile, ownership, reaper, template_store, tracing
+from factory import hostfacts, memfile, ownership, reaper, template_store, tracing
 from factory.base import FactoryBase
 from factory.config import VMConfig
 from factory.errors import TemplateError
 from factory.hypervisor import accelerator, cmdline
 from factory.hypervisor.accelerator import Accelerator
-from factory.hypervisor.binary import qemu_version
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir
 from factory.ownership import OwnerKind
 from factory.vm import VM
@@ -56,14 +54,6 @@ _TRACER = "kata_vmfactory.factory"
 log = logging.getLogger(__name__)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def expected_metadata(config: VMConfig) -> dict[str, Any]:
     """What a clone booted from `config` must share with the template."""
     hv = config.hypervisor
@@ -73,8 +63,8 @@ def expected_metadata(config: VMConfig) -> dict[str, Any]:
     devices = [probe[i + 1] for i, a in enumerate(probe) if a == "-device"]
     return {
         "metadata_version": METADATA_VERSION,
-        "kernel_sha256": _sha256(hv.kernel_path),
-        "initrd_sha256": _sha256(hv.initrd_path),
+        "kernel_sha256": hostfacts.sha256(hv.kernel_path),
+        "initrd_sha256": hostfacts.sha256(hv.initrd_path),
         "kernel_params": hv.kernel_params,
         "memory_mib": hv.memory_mib,
         "num_vcpus": hv.num_vcpus,
@@ -83,7 +73,7 @@ def expected_metadata(config: VMConfig) -> dict[str, Any]:
         "max_memory_mib": hv.max_memory_mib,
         "machine": hv.machine,
         "devices": devices,
-        "qemu_version": qemu_version(hv.qemu_path),
+        "qemu_version": hostfacts.qemu_version(hv.qemu_path),
         # A TCG template's CPU state does not load under KVM, nor the reverse.
         "accelerator": accelerator.choose(hv.accelerator, hv.qemu_path).name,
         "agent_protocol_version": PROTOCOL_VERSION,
