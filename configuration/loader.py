@@ -14,7 +14,7 @@ from typing import Any
 
 from factory.config import AgentConfig, HypervisorConfig, VMConfig
 from factory.errors import ConfigError
-from factory.factory import FactoryConfig
+from factory.factory import FactoryConfig, Mode
 from factory.template import DEFAULT_TEMPLATE_PATH
 
 DEFAULT_LOCATIONS = (
@@ -63,12 +63,21 @@ class RuntimeConfig:
     # Users besides root and the server's own whose processes may take VMs (SO_PEERCRED).
     vm_cache_client_uids: tuple[int, ...] = ()
 
-    def factory_config(self, cache: int = 0, vm_cache: bool | None = None) -> FactoryConfig:
-        return FactoryConfig(template=self.enable_template, template_path=self.template_path,
-                             vm_cache=self.vm_cache_number > 0 if vm_cache is None else vm_cache,
+    def factory_config(self, mode: Mode | None = None) -> FactoryConfig:
+        """The factory this configuration asks for; `mode` overrides its choice (the VMCache server
+        asks for its pool, a sandbox whose server is down for the local fallback)."""
+        if mode is None:
+            mode = Mode.VMCACHE_CLIENT if self.vm_cache_number > 0 else self.local_mode()
+        cache = self.vm_cache_number if mode is Mode.VMCACHE_POOL else 0
+        return FactoryConfig(mode=mode, template=self.enable_template, template_path=self.template_path,
                              cache=cache, vm_cache_endpoint=self.vm_cache_endpoint,
                              vm_config=self.vm_config, run_root=self.vm_run_root,
                              template_persist_path=self.template_persist_path)
+
+
+    def local_mode(self) -> Mode:
+        """Where VMs come from without a VMCache server: the template, else a direct boot."""
+        return Mode.TEMPLATE if self.enable_template else Mode.DIRECT
 
 
 def find(explicit: str | None = None) -> tuple[str, str]:

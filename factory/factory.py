@@ -3,13 +3,14 @@ running VMs that fit the request (upstream's factory.GetVM, improved)."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from typing import Any, Callable
 
 from opentelemetry.context import Context
 
 from factory import tracing
-from factory.base import FactoryBase
+from factory.base import FactoryBase, Lease
 from factory.cache import CacheFactory
 from factory.config import VMConfig
 from factory.direct import DirectFactory
@@ -27,16 +28,35 @@ _IGNORED_HYPERVISOR_FIELDS: dict[str, Any] = dict(num_vcpus=0, memory_mib=0, boo
                                                   boot_from_template=False, memory_path="", devices_state_path="")
 
 
+class Mode(enum.Enum):
+    """Where a factory's VMs come from; one setting instead of flags that combine."""
+    DIRECT = "direct"  # boot each VM when asked
+    TEMPLATE = "template"  # clone the template (made by the first user)
+    CACHE = "cache"  # keep `cache` VMs ready in this process (clones or direct boots)
+    VMCACHE_CLIENT = "vmcache-client"  # take VMs from a VMCache server over its socket
+    VMCACHE_POOL = "vmcache-pool"  # the VMCache server's pool: a cache whose VMs wait disconnected
+
+
 @dataclasses.dataclass(frozen=True)
 class FactoryConfig:
-    template: bool = False
+    mode: Mode = Mode.DIRECT
+    template: bool = False  # CACHE and VMCACHE_POOL: clone the template instead of booting
     template_path: str = DEFAULT_TEMPLATE_PATH
-    vm_cache: bool = False  # with cache == 0: be a grpccache client
-    cache: int = 0
+    cache: int = 0  # CACHE and VMCACHE_POOL: how many VMs to keep ready
     vm_cache_endpoint: str = "/var/run/kata-containers/cache.sock"
     vm_config: VMConfig = dataclasses.field(default_factory=VMConfig)
     run_root: str = DEFAULT_RUN_ROOT
     template_persist_path: str = ""  # "": the template lives on tmpfs only
+
+    def __post_init__(self) -> None:
+        pooled = self.mode in (Mode.CACHE, Mode.VMCACHE_POOL)
+        if pooled != (self.cache > 0):
+            raise ConfigError(f"factory mode {self.mode.value} with cache = {self.cache}: "
+                              + ("a cache needs cache > 0" if pooled else "only cache and vmcache-pool keep VMs"))
+        if self.mode is Mode.TEMPLATE and not self.template:
+            object.__setattr__(self, "template", True)  # the mode says it
+        if self.mode is Mode.DIRECT and self.template:
+            raise ConfigError("factory mode direct boots every VM; use mode template to clone one")
 
 
 def check_vm_config(base: VMConfig, request: VMConfig) -> None:
@@ -66,6 +86,10 @@ class Factory:
 
     async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:
         return await self.base.get_base_vm(config, ctx)
+
+    async def lease_base_vm(self, ctx: Context | None = None) -> Lease:
+        """A paused base VM to hand to another process (see FactoryBase.lease)."""
+        return await self.base.lease(ctx)
 
     async def close(self, ctx: Context | None = None) -> None:
         await self.base.close(ctx)
@@ -118,7 +142,7 @@ async def new_factory(config: FactoryConfig, fetch_only: bool = False, ctx: Cont
         vm_config = config.vm_config.valid()
         if fetch_only and config.cache > 0:
             raise FactoryError("cache factory does not support fetch")
-        if config.vm_cache and config.cache == 0:
+        if config.mode is Mode.VMCACHE_CLIENT:
             from factory.grpccache import GrpcCacheFactory  # the VMCache issue
             client = await GrpcCacheFactory.connect(config.vm_cache_endpoint, span_ctx, config.run_root)
             return Factory(client, config.run_root)
@@ -134,8 +158,8 @@ async def new_factory(config: FactoryConfig, fetch_only: bool = False, ctx: Cont
                                                             persist_path=config.template_persist_path)
         else:
             base = DirectFactory(vm_config, config.run_root)
-        if config.cache > 0:
-            # With vm_cache set, this cache is the VMCache server's pool.
+        if config.mode in (Mode.CACHE, Mode.VMCACHE_POOL):
+            # The VMCache pool parks its VMs disconnected: another process connects next.
             base = CacheFactory(base, config.cache, on_ready=on_ready, on_failure=on_failure,
-                                park_disconnected=config.vm_cache)
+                                park_disconnected=config.mode is Mode.VMCACHE_POOL)
         return Factory(base, config.run_root)

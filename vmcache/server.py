@@ -18,7 +18,7 @@ import grpc
 from configuration.loader import RuntimeConfig
 from factory import reaper, tracing
 from factory.errors import ConfigError
-from factory.factory import new_factory
+from factory.factory import Mode, new_factory
 from factory.vm import VM
 from hostos import safetree
 from vmcache import endpoint, peergate
@@ -69,7 +69,7 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    making = asyncio.ensure_future(new_factory(config.factory_config(cache=config.vm_cache_number, vm_cache=True),
+    making = asyncio.ensure_future(new_factory(config.factory_config(Mode.VMCACHE_POOL),
                                                on_ready=on_ready, on_failure=ops.vm_build_failed))
     stop_wait = asyncio.ensure_future(stopping.wait())
     await asyncio.wait({making, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

@@ -18,7 +18,6 @@ from opentelemetry import propagate
 from opentelemetry.context import Context
 
 from factory import tracing
-from factory.cache import CacheFactory
 from factory.factory import Factory
 from factory.grpccache import OWNER_PID_KEY, OWNER_START_TIME_KEY
 from factory.ownership import Owner, OwnerKind
@@ -58,10 +57,6 @@ def _claimant(context: _Context) -> Owner | None:
     return owner if owner.is_alive() else None
 
 
-def _nothing() -> None:
-    pass
-
-
 class CacheService:
     def __init__(self, factory: Factory, on_quit: Callable[[], None],
                  on_handed_out: Callable[[float], None] = lambda seconds: None) -> None:
@@ -81,14 +76,11 @@ class CacheService:
     async def get_base_vm(self, request: empty_pb2.Empty, context: _Context) -> bytes:
         started = time.perf_counter()
         with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(context), subsystem="vmcache") as ctx:
-            refill: Callable[[], None] = _nothing
             try:
-                if isinstance(self.factory.base, CacheFactory):
-                    vm, refill = await self.factory.base.take(ctx)
-                else:
-                    vm = await self.factory.get_base_vm(self.factory.config(), ctx)
+                lease = await self.factory.lease_base_vm(ctx)
             except Exception as err:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"failed to GetBaseVM: {err}")
+            vm = lease.vm
             try:
                 # The receiver connects to QMP and the agent next: a QMP socket
                 # serves one client, so let go of both first.
@@ -98,19 +90,20 @@ class CacheService:
                     vm.hypervisor.record_owner(claimant)
                 reply = grpc_vm_bytes(vm)
             except BaseException:
-                refill()
-                await vm.stop()
+                await lease.give_back()
                 raise
 
             def done(call: Any) -> None:  # the finished call: cancelled() tells a client that left
-                refill()  # after the reply: starting a QEMU blocks the loop
-                # A client that went away mid-call never receives the VM:
-                # stop it rather than leave a QEMU nobody owns.
-                if call.cancelled():
-                    log.warning("client left before receiving VM %s; stopping it", vm.id)
-                    task = asyncio.ensure_future(vm.stop())
-                    self._stopping.add(task)  # owned until done: a dropped task may never run
-                    task.add_done_callback(self._stopping.discard)
+                # Ended after the reply has gone out: refilling starts a QEMU, which blocks the loop.
+                if not call.cancelled():
+                    lease.commit()
+                    return
+                # A client that went away mid-call never receives the VM: stop it rather than
+                # leave a QEMU nobody owns.
+                log.warning("client left before receiving VM %s; stopping it", vm.id)
+                task = asyncio.ensure_future(lease.give_back())
+                self._stopping.add(task)  # owned until done: a dropped task may never run
+                task.add_done_callback(self._stopping.discard)
 
             # types-grpcio declares a class here; grpc takes any callable of the call.
             context.add_done_callback(done)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ async def open_factory(config: RuntimeConfig, ctx: Context | None = None) -> tup
             return await new_factory(config.factory_config(), ctx=ctx), "vmcache", warnings
         except FactoryError as err:
             warnings.append(f"VMCache unavailable, using the local factory: {err}")
-    local = config.factory_config(vm_cache=False)
+    local = config.factory_config(config.local_mode())
     if config.enable_template:
         try:
             return await new_factory(local, fetch_only=True, ctx=ctx), "template", warnings

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from factory.factory import FactoryConfig, new_factory
+from factory.factory import FactoryConfig, Mode, new_factory
 from tests.bench import common, runner
 
 SCENARIOS = [("+1 vCPU", 1, 0), ("+256 MiB", 0, 256), ("+2 vCPU +1 GiB", 2, 1024)]
@@ -63,7 +63,7 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
     request = bench.vm_config()
     results: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in SCENARIOS}
     section.data["runs"] = results
-    factory = await new_factory(FactoryConfig(template=True, template_path=os.path.join(root, "template"),
+    factory = await new_factory(FactoryConfig(mode=Mode.TEMPLATE, template_path=os.path.join(root, "template"),
                                               vm_config=request, run_root=os.path.join(root, "vm")))
     try:
         for label, cpus, mib in SCENARIOS:

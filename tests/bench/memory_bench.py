@@ -18,7 +18,7 @@ import time
 from typing import Any, Iterator
 
 from factory import memfile
-from factory.factory import Factory, FactoryConfig, new_factory
+from factory.factory import Factory, FactoryConfig, Mode, new_factory
 from factory.vm import VM
 from tests.bench import common, runner
 
@@ -113,7 +113,7 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
         direct = await new_factory(FactoryConfig(vm_config=request, run_root=run_root))
         await _levels(direct, request, levels, None, results["direct"], "direct")
         with punch_probe(punch):
-            template = await new_factory(FactoryConfig(template=True, template_path=os.path.join(root, "template"),
+            template = await new_factory(FactoryConfig(mode=Mode.TEMPLATE, template_path=os.path.join(root, "template"),
                                                        vm_config=request, run_root=run_root))
         try:
             await _levels(template, request, levels, str(template.base.memory_path), results["template"], "template")

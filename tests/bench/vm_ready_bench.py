@@ -7,7 +7,7 @@ and its agent answered, for each strategy, in one run:
   (CacheFactory over the TemplateFactory); each call waits until the pool is
   full first, so it measures handing out a ready VM, not waiting for a clone;
 - VMCache: the server binary in another process with a pool of 2 clones; one
-  grpccache client (new_factory(vm_cache=True)) doing every get_vm ("warm
+  grpccache client (new_factory, mode VMCACHE_CLIENT) doing every get_vm ("warm
   client"), and separately a new client per VM (new_factory + get_vm).
 
 Phases come from the library's spans (in-memory exporter) plus bench probes.
@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from factory.cache import CacheFactory
-from factory.factory import Factory, FactoryConfig, new_factory
+from factory.factory import Factory, FactoryConfig, Mode, new_factory
 from tests.bench import common, runner, spans
 from tests.bench.vmcache_server import VMCacheServer
 
@@ -86,7 +86,7 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
 
             common.log("vm_ready: creating the template")
             start = time.perf_counter()
-            template = await new_factory(FactoryConfig(template=True, template_path=os.path.join(root, "template"),
+            template = await new_factory(FactoryConfig(mode=Mode.TEMPLATE, template_path=os.path.join(root, "template"),
                                                        vm_config=request, run_root=run_root))
             extra["template_create_s"] = time.perf_counter() - start
             cache: Factory | None = None
@@ -113,7 +113,7 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
             try:
                 await server.start()
                 extra["vmcache_start_s"] = await server.wait_full()
-                client_config = FactoryConfig(vm_cache=True, vm_cache_endpoint=server.socket,
+                client_config = FactoryConfig(mode=Mode.VMCACHE_CLIENT, vm_cache_endpoint=server.socket,
                                               vm_config=request, run_root=run_root)
                 client = await new_factory(client_config)
                 for i in range(clone_runs + 1):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from factory.errors import TemplateError
-from factory.factory import FactoryConfig, new_factory
+from factory.factory import FactoryConfig, Mode, new_factory
 from factory.template import TemplateFactory
 from tests.integration.vmtest import base_config
 
@@ -44,7 +44,7 @@ def test_template_factory_clones_fit_the_request_and_refuse_a_stale_template(run
     template_path = os.path.join(run_root, "template")
 
     async def body():
-        factory = await new_factory(FactoryConfig(template=True, template_path=template_path,
+        factory = await new_factory(FactoryConfig(mode=Mode.TEMPLATE, template_path=template_path,
                                                   vm_config=base_config(), run_root=run_root))
         try:
             assert os.path.ismount(template_path)
@@ -85,7 +85,7 @@ def test_template_factory_clones_fit_the_request_and_refuse_a_stale_template(run
 
 def test_cache_over_direct_and_a_killed_cached_vm_is_replaced(run_root):
     async def body():
-        factory = await new_factory(FactoryConfig(cache=1, vm_config=base_config(), run_root=run_root))
+        factory = await new_factory(FactoryConfig(mode=Mode.CACHE, cache=1, vm_config=base_config(), run_root=run_root))
         try:
             deadline = time.monotonic() + 120
             while not factory.status():
@@ -110,7 +110,7 @@ def test_cache_over_template_hands_out_clones_and_refills(run_root):
     template_path = os.path.join(run_root, "template")
 
     async def body():
-        factory = await new_factory(FactoryConfig(template=True, template_path=template_path, cache=2,
+        factory = await new_factory(FactoryConfig(mode=Mode.CACHE, template=True, template_path=template_path, cache=2,
                                                   vm_config=base_config(), run_root=run_root))
         try:
             vm = await factory.get_vm(base_config())

@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from factory.config import VMConfig
-from factory.factory import FactoryConfig, new_factory
+from factory.factory import FactoryConfig, Mode, new_factory
 from factory.grpccache import GrpcCacheFactory
 from hostos import process
 from native import vmstate
@@ -43,7 +43,7 @@ def test_server_status_client_and_destroy(run_root):
         assert out[3] == "vm factory is on"
 
         async def client():
-            factory = await new_factory(FactoryConfig(vm_cache=True, vm_cache_endpoint=server.socket,
+            factory = await new_factory(FactoryConfig(mode=Mode.VMCACHE_CLIENT, vm_cache_endpoint=server.socket,
                                                       vm_config=VMConfig(), run_root=os.path.join(run_root, "vm")))
             assert isinstance(factory.base, GrpcCacheFactory)
             vm = await factory.get_vm(factory.config())

@@ -3,6 +3,7 @@ import pytest
 
 from configuration import loader
 from factory.errors import ConfigError
+from factory.factory import FactoryConfig, Mode
 
 
 def test_built_in_configuration_is_valid_and_used_when_nothing_else_exists(monkeypatch):
@@ -24,10 +25,28 @@ def test_lookup_order_is_flag_then_environment(tmp_path, monkeypatch):
     assert loader.load().vm_cache_number == 5
 
 
+def test_one_explicit_factory_mode_follows_from_the_configuration():
+    assert loader.parse("[factory]\nvm_cache_number = 2\n").factory_config().mode is Mode.VMCACHE_CLIENT
+    assert loader.parse("[factory]\nenable_template = true\n").factory_config().mode is Mode.TEMPLATE
+    assert loader.parse("").factory_config().mode is Mode.DIRECT
+    pool = loader.parse("[factory]\nvm_cache_number = 3\n").factory_config(Mode.VMCACHE_POOL)
+    assert (pool.mode, pool.cache) == (Mode.VMCACHE_POOL, 3)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(mode=Mode.CACHE), "a cache needs cache > 0"),
+    (dict(mode=Mode.TEMPLATE, cache=2), "only cache and vmcache-pool keep VMs"),
+    (dict(mode=Mode.DIRECT, template=True), "use mode template"),
+])
+def test_a_factory_mode_that_contradicts_its_fields_is_refused(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        FactoryConfig(**fields)
+
+
 def test_unset_or_zero_cache_number_disables_vmcache():
     assert loader.parse("[factory]\n").vm_cache_number == 0
     config = loader.parse("[factory]\nvm_cache_number = 0\n")
-    assert not config.factory_config().vm_cache
+    assert config.factory_config().mode is not Mode.VMCACHE_CLIENT
 
 
 @pytest.mark.parametrize("text,message", [

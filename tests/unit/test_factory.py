@@ -10,7 +10,7 @@ from factory.base import FactoryBase
 from factory.cache import CacheFactory
 from factory.direct import DirectFactory
 from factory.errors import ConfigError, FactoryError
-from factory.factory import Factory, FactoryConfig, check_vm_config, new_factory
+from factory.factory import Factory, FactoryConfig, Mode, check_vm_config, new_factory
 from factory.ownership import OwnerKind
 from tests.unit import fakes
 from tests.unit.fakes import FlakyBase as _FlakyBase
@@ -114,7 +114,7 @@ def test_status_works_for_every_strategy(monkeypatch):
 
 def test_fetch_with_a_cache_is_refused():
     with pytest.raises(FactoryError, match="cache factory does not support fetch"):
-        asyncio.run(new_factory(FactoryConfig(cache=2, vm_config=_config()), fetch_only=True))
+        asyncio.run(new_factory(FactoryConfig(mode=Mode.CACHE, cache=2, vm_config=_config()), fetch_only=True))
 
 
 async def _until(predicate, timeout=5.0):
@@ -179,3 +179,25 @@ def test_cache_wait_is_bounded_with_a_clear_error(monkeypatch):
             await cache.get_base_vm(_config())
         await cache.close()
     asyncio.run(body())
+
+
+class _StoppableVM:
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    async def stop(self) -> None:
+        self.stopped += 1
+
+
+def test_a_lease_refills_its_slot_once_and_a_given_back_vm_is_stopped():
+    from factory.base import Lease
+    refills: list[int] = []
+    committed = Lease(_StoppableVM(), lambda: refills.append(1))
+    committed.commit()
+    committed.commit()
+    asyncio.run(committed.give_back())  # already ended: the VM was handed over, never stopped here
+    assert refills == [1] and committed.vm.stopped == 0
+    returned = Lease(_StoppableVM(), lambda: refills.append(2))
+    asyncio.run(returned.give_back())
+    returned.commit()
+    assert refills == [1, 2] and returned.vm.stopped == 1
