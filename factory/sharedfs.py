@@ -28,7 +28,7 @@ __all__ = ["GUEST_SHARED_DIR", "SHARED_FS_TAG", "ShareError", "ShareMount", "bin
 
 
 class ShareError(FactoryError):
-    """A path inside the share is not a plain relative path."""
+    """A host directory cannot be shared with the VM (a bad path inside the share, a failed bind)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +44,12 @@ def bind_into_share(run: RunDir, relative: str, source: str, readonly: bool) -> 
     parts = PurePosixPath(relative).parts
     if not parts or PurePosixPath(relative).is_absolute() or any(p in ("", ".", "..") for p in parts):
         raise ShareError(f"share path {relative!r} must be relative, without '.' or '..'")
-    (run.shared_writable_dir / relative).mkdir(mode=0o755, parents=True)
     target = str(run.shared_dir / relative)
-    mount_id = mounts.bind_recorded(source, target, readonly=readonly, nosuid_nodev=True)
+    try:
+        (run.shared_writable_dir / relative).mkdir(mode=0o755, parents=True)
+        mount_id = mounts.bind_recorded(source, target, readonly=readonly, nosuid_nodev=True)
+    except OSError as err:
+        raise ShareError(f"cannot share {source} with the VM at {target}: {err}") from err
     return ShareMount(target, mount_id, f"{GUEST_SHARED_DIR}/{relative}")
 
 

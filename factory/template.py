@@ -236,14 +236,19 @@ class TemplateFactory(FactoryBase):
         return self.memory_path.is_file() and self.state_path.is_file()
 
     def _prepare_files(self) -> None:
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._refuse_foreign_mount()
-        if not mounts.is_mountpoint(str(self.path)):
-            mounts.mount_tmpfs(str(self.path), self._config.hypervisor.memory_mib + DEVICE_STATE_MIB,
-                               source=TEMPLATE_MOUNT_SOURCE)
-        fd = os.open(self.memory_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.truncate(self._config.hypervisor.memory_mib * 1024 * 1024)
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._refuse_foreign_mount()
+            if not mounts.is_mountpoint(str(self.path)):
+                mounts.mount_tmpfs(str(self.path), self._config.hypervisor.memory_mib + DEVICE_STATE_MIB,
+                                   source=TEMPLATE_MOUNT_SOURCE)
+            fd = os.open(self.memory_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.truncate(self._config.hypervisor.memory_mib * 1024 * 1024)
+        except OSError as err:
+            raise TemplateError(f"cannot prepare the VM template in {self.path}: {err}; check "
+                                "factory.template_path (a tmpfs is mounted there, which needs root)") from err
 
     def _ours_mounted(self) -> bool:
         """Whether template_path is a mount this project made (its tmpfs, by source name)."""

@@ -1,3 +1,3 @@
-"""Versions shown by `kata-runtime version` and recorded in template metadata."""
+"""The version `kata-runtime version` and `kata-runtime env` show."""
 
 RUNTIME_VERSION = "0.1.0"

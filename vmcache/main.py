@@ -33,6 +33,10 @@ def main(argv: Sequence[str]) -> int:
     except FactoryError as err:
         print(f"vmcache: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        # Whatever the host refused (a path, a permission, a port) is one line, not a traceback.
+        print(f"vmcache: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from factory.errors import HypervisorError
+from factory.errors import ConfigError, HypervisorError
 from hostos import files, mountinfo, mounts, safetree
 
 DEFAULT_RUN_ROOT = "/run/vc/vm"
@@ -84,9 +84,12 @@ class RunDir:
         is on record, so the reaper can tell an orphan and undo the mount."""
         longest = max(len(str(self.qmp_socket)), len(str(self.agent_socket)))
         if longest > MAX_SOCKET_PATH:
-            raise ValueError(f"run directory {self.path} is too long for Unix sockets "
-                             f"({longest} > {MAX_SOCKET_PATH} bytes); use a shorter run root")
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=False)
+            raise ConfigError(f"run directory {self.path} is too long for Unix sockets "
+                              f"({longest} > {MAX_SOCKET_PATH} bytes); use a shorter runtime.vm_run_root")
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=False)
+        except OSError as err:
+            raise HypervisorError(f"cannot create run directory {self.path}: {err}") from err
         try:
             if record_owner is not None:
                 record_owner(self.path)
@@ -98,6 +101,10 @@ class RunDir:
             self.logs_dir.mkdir(mode=0o700)
             mounts.mount_tmpfs(str(self.logs_dir), LOGS_MIB, source=LOGS_MOUNT_SOURCE)
             self._record(self.logs_dir, mountinfo.path_mount_id(str(self.logs_dir)))
+        except OSError as err:
+            self.remove()
+            raise HypervisorError(f"cannot prepare run directory {self.path} (its share and log mounts need "
+                                  f"root): {err}") from err
         except BaseException:
             self.remove()
             raise

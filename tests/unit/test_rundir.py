@@ -68,3 +68,11 @@ def test_a_mount_someone_else_left_in_the_run_dir_is_not_entered(tmp_path):
 def test_remove_of_a_missing_run_dir_is_fine(tmp_path):
     RunDir(Path(tmp_path), "never").remove()
     RunDir(Path(tmp_path) / "no-root", "never").remove()
+
+
+def test_a_run_root_too_long_for_socket_paths_is_a_config_error_naming_it(tmp_path):
+    from factory.errors import ConfigError
+    root = tmp_path / ("r" * 90)
+    with pytest.raises(ConfigError, match="too long for Unix sockets.*use a shorter runtime.vm_run_root"):
+        RunDir(root, "0f0e0d0c-aaaa-4bbb-8ccc-123456789abc").create()
+    assert not root.exists()
