@@ -24,7 +24,7 @@ from hostos import files
 from hostos import process as host_process
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
 from runtime.sandbox import control
-from runtime.sandbox.state import ContainerError, ContainerState, StateStore
+from runtime.sandbox.state import ContainerError, ContainerState, StateStore, Status
 
 # A TCG boot takes seconds; a loaded CI machine several times that.
 CREATE_TIMEOUT_S = 300.0
@@ -36,8 +36,8 @@ def shim_alive(state: ContainerState) -> bool:
 
 def current_state(store: StateStore, container_id: str) -> ContainerState:
     state = store.load(container_id)
-    if state.status != "stopped" and state.status != "creating" and not shim_alive(state):
-        state.status = "stopped"  # the shim (and so the container) is gone
+    if state.status != Status.STOPPED and state.status != Status.CREATING and not shim_alive(state):
+        state.status = Status.STOPPED  # the shim (and so the container) is gone
         state.reason = state.reason or f"its shim (pid {state.shim_pid}) exited"
     return state
 
@@ -114,7 +114,7 @@ def _create_locked(store: StateStore, shim_argv: list[str], container_id: str, b
 def start(store: StateStore, container_id: str) -> int:
     with _locked(store, container_id):
         state = current_state(store, container_id)
-        if state.status != "created":
+        if state.status != Status.CREATED:
             raise ContainerError(f"cannot start container {container_id!r}: it is {state.status}, not created")
         control.call(str(store.shim_socket(container_id)), {"op": "start"})
     return 0
@@ -139,7 +139,7 @@ def kill(store: StateStore, container_id: str, signal_name: str = "SIGTERM") -> 
     number = parse_signal(signal_name)
     with _locked(store, container_id):
         state = current_state(store, container_id)
-        if state.status not in ("created", "running"):
+        if state.status not in (Status.CREATED, Status.RUNNING):
             raise ContainerError(f"cannot kill container {container_id!r}: it is {state.status}")
         control.call(str(store.shim_socket(container_id)), {"op": "kill", "signal": number})
     return 0
@@ -149,7 +149,7 @@ def delete(store: StateStore, container_id: str, force: bool) -> int:
     """Waits for a create in progress (its lock), then removes the container and its lock file."""
     with _locked(store, container_id):
         state = current_state(store, container_id)
-        if state.status == "running" and not force:
+        if state.status == Status.RUNNING and not force:
             raise ContainerError(f"cannot delete container {container_id!r}: it is running "
                                  "(use --force or kill it first)")
         if shim_alive(state):
@@ -184,7 +184,7 @@ def _cleanup(store: StateStore, container_id: str) -> None:
 
 def wait(store: StateStore, container_id: str) -> int:
     state = current_state(store, container_id)
-    if state.status == "stopped" and not shim_alive(state):
+    if state.status == Status.STOPPED and not shim_alive(state):
         return _stopped_exit_status(state)
     with control.request(str(store.shim_socket(container_id)), {"op": "wait"}, timeout_s=None) as conn:
         conn.read_reply()
@@ -210,7 +210,7 @@ def run(store: StateStore, shim_argv: list[str], container_id: str, bundle: str,
 def exec_process(store: StateStore, container_id: str, args: Sequence[str], out: TextIO, err: TextIO) -> int:
     """Runs a process in the container; its output goes straight from the shim to `out` and `err`."""
     state = current_state(store, container_id)
-    if state.status != "running":
+    if state.status != Status.RUNNING:
         why = f" ({state.reason})" if state.reason else ""
         raise ContainerError(f"cannot exec in container {container_id!r}: it is {state.status}{why}, not running")
     if not args:

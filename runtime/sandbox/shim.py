@@ -36,7 +36,7 @@ from factory.vm import VM
 from hostos import process as host_process
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
 from runtime.sandbox import control, vm_source
-from runtime.sandbox.state import ContainerError, ContainerState, StateStore, now_rfc3339
+from runtime.sandbox.state import ContainerError, ContainerState, StateStore, Status, now_rfc3339
 
 # ProcessOutput stream numbers (agent.proto).
 STDOUT, STDERR = 1, 2
@@ -65,7 +65,7 @@ class Shim:
         self.config = config
         self.id = container_id
         self.bundle = bundle
-        self.state = ContainerState(id=container_id, bundle=bundle, status="creating", created=now_rfc3339(),
+        self.state = ContainerState(id=container_id, bundle=bundle, status=Status.CREATING, created=now_rfc3339(),
                                     shim_pid=os.getpid(),
                                     shim_start_time=host_process.start_time(os.getpid()) or 0,
                                     vm_run_root=config.vm_run_root)
@@ -115,7 +115,7 @@ class Shim:
                                          readonly=spec.rootfs_readonly)
         phase("create_process")
         self.state.pid = pid
-        self.state.status = "created"
+        self.state.status = Status.CREATED
         self.state.annotations.update({
             "io.katacontainers.factory.path": path,
             "io.katacontainers.factory.warnings": "; ".join(warnings),
@@ -156,7 +156,7 @@ class Shim:
             elif kind == "process_exited":
                 exited = event.process_exited
                 if exited.exec_id == self.id:
-                    self.state.status = "stopped"
+                    self.state.status = Status.STOPPED
                     self.state.exit_status = exited.exit_status
                     self.store.save(self.state)
                     self.exited.set()
@@ -197,8 +197,8 @@ class Shim:
     def _stopped(self, reason: str) -> None:
         """The container can no longer be served: it is stopped, and everyone waiting is told why."""
         log.error("container %s: %s", self.id, reason)
-        if self.state.status != "stopped":  # else its process had exited already: that status stands
-            self.state.status = "stopped"
+        if self.state.status != Status.STOPPED:  # else its process had exited already: that status stands
+            self.state.status = Status.STOPPED
             self.state.reason = reason
             self.store.save(self.state)
             self.exited.set()
@@ -230,14 +230,14 @@ class Shim:
     async def _handle(self, request: dict[str, Any], fds: list[int], send) -> None:
         op = request.get("op")
         if op == "start":
-            if self.state.status != "created":
+            if self.state.status != Status.CREATED:
                 raise ContainerError(f"container {self.id} is {self.state.status}, not created")
             await self.vm.agent.start_process(self.id)
-            self.state.status = "running"
+            self.state.status = Status.RUNNING
             self.store.save(self.state)
             await send({"ok": True})
         elif op == "kill":
-            if self.state.status == "stopped":
+            if self.state.status == Status.STOPPED:
                 raise ContainerError(f"container {self.id} is not running")
             await self.vm.agent.signal_process(self.id, int(request.get("signal", signal.SIGTERM)))
             await send({"ok": True})
@@ -257,7 +257,7 @@ class Shim:
             raise ContainerError(f"unknown shim request {op!r}")
 
     async def _exec(self, request: dict[str, Any], fds: list[int], send) -> None:
-        if self.state.status != "running":
+        if self.state.status != Status.RUNNING:
             why = f" ({self.state.reason})" if self.state.reason else ""
             raise ContainerError(f"container {self.id} is {self.state.status}{why}; exec needs a running container")
         if len(fds) != 2:

@@ -7,6 +7,7 @@ commands that change the container hold, so two of them on one id take turns.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import re
@@ -30,11 +31,19 @@ class ContainerError(KataRuntimeError):
     """A container id, its state or an operation on it is wrong."""
 
 
+class Status(enum.StrEnum):
+    """A container's OCI status; a str, so state.json and `state` print the plain word."""
+    CREATING = "creating"
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
 @dataclasses.dataclass
 class ContainerState:
     id: str
     bundle: str
-    status: str  # creating | created | running | stopped
+    status: Status
     pid: int = 0  # the container process's pid in the guest
     created: str = ""
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -105,11 +114,13 @@ class StateStore:
     def load(self, container_id: str) -> ContainerState:
         path = self.dir(container_id) / "state.json"
         try:
-            return ContainerState(**json.loads(path.read_text()))
+            state = ContainerState(**json.loads(path.read_text()))
+            state.status = Status(state.status)
+            return state
         except FileNotFoundError:
             if self.dir(container_id).is_dir():
                 # Reserved by a create that has not written state yet (or died).
-                return ContainerState(id=container_id, bundle="", status="creating")
+                return ContainerState(id=container_id, bundle="", status=Status.CREATING)
             raise ContainerError(f"container {container_id!r} does not exist") from None
         except (ValueError, TypeError) as err:
             raise ContainerError(f"state of container {container_id!r} is unreadable ({path}): {err}") from err

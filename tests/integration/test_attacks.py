@@ -22,7 +22,7 @@ from factory.hypervisor.rundir import LOGS_MIB
 from factory.vm import VM
 from hostos import mountinfo, mounts
 from runtime.sandbox import commands
-from runtime.sandbox.state import ContainerState, StateStore
+from runtime.sandbox.state import ContainerState, StateStore, Status
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import base_config, mounts_under, short_tempdir, write_config
 
@@ -136,7 +136,7 @@ def test_guest_root_cannot_steer_host_teardown_through_the_share(run_root, canar
         try:
             store.reserve("c1")
             rootfs_share = await vm.share_rootfs("c1", rootfs, readonly=False)
-            store.save(ContainerState(id="c1", bundle=bundle, status="running", vm=vm.record(),
+            store.save(ContainerState(id="c1", bundle=bundle, status=Status.RUNNING, vm=vm.record(),
                                       share_mount=rootfs_share.mount_point, share_mount_id=rootfs_share.mount_id))
             output, status = await _guest_root_sh(vm, "attack", attack)
             assert status == 0, output
