@@ -11,7 +11,7 @@ from typing import Any, Callable
 from opentelemetry.context import Context
 
 from factory.config import VMConfig
-from factory.vm import VM
+from factory.vm import VM, VMStatus
 
 
 class Lease:
@@ -60,7 +60,7 @@ class FactoryBase(abc.ABC):
     async def close(self, ctx: Context | None = None) -> None:
         """Releases what the strategy holds (cached VMs, the template)."""
 
-    def status(self) -> list[dict[str, int]]:
+    def status(self) -> list[VMStatus]:
         """GrpcVMStatus-like entries for the ready VMs held; none unless it holds some.
 
         Upstream panics here for every strategy but the cache.

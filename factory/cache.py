@@ -20,7 +20,7 @@ from factory.base import FactoryBase, Lease
 from factory.config import VMConfig
 from factory.errors import FactoryError
 from factory.ownership import OwnerKind
-from factory.vm import VM
+from factory.vm import VM, VMStatus
 
 # Retry a failing base after 1 s, doubling to at most 30 s: a broken config
 # should not spin QEMU starts, a transient failure should heal soon.
@@ -202,7 +202,7 @@ class CacheFactory(FactoryBase):
         why = ("; failing: " + "; ".join(failing)) if failing else "; all VMs are still booting or taken"
         return f"no cached VM became ready within {self.get_timeout_s:.0f} s{why}"
 
-    def status(self) -> list[dict[str, int]]:
+    def status(self) -> list[VMStatus]:
         return [s.vm.status() for s in self._slots if s.vm is not None]
 
     def slots(self) -> list[SlotSnapshot]:

@@ -17,7 +17,7 @@ from factory.direct import DirectFactory
 from factory.errors import ConfigError, FactoryError
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT
 from factory.template import DEFAULT_TEMPLATE_PATH, TemplateFactory
-from factory.vm import VM
+from factory.vm import VM, VMStatus
 
 _TRACER = "kata_vmfactory.factory"
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Factory:
     def config(self) -> VMConfig:
         return self.base.config()
 
-    def status(self) -> list[dict[str, int]]:
+    def status(self) -> list[VMStatus]:
         return self.base.status()
 
     async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:

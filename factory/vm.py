@@ -7,6 +7,7 @@ re-attach there).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 import uuid
@@ -32,6 +33,14 @@ EXIT_GRACE_S = 2.0
 HANDSHAKE_TRY_S = 0.2
 
 _TRACER = "kata_vmfactory.vm"
+
+
+@dataclasses.dataclass(frozen=True)
+class VMStatus:
+    """Upstream's GrpcVMStatus: a held VM's QEMU pid (0 when gone), CPUs and memory in MiB."""
+    pid: int
+    cpu: int
+    memory: int
 
 
 class VM:
@@ -207,10 +216,9 @@ class VM:
         now_ns = time.time_ns()
         await self.agent.set_guest_date_time(now_ns // 1_000_000_000, (now_ns // 1000) % 1_000_000, ctx=ctx)
 
-    def status(self) -> dict[str, int]:
-        """Upstream GrpcVMStatus: the QEMU pid (0 when gone), CPUs and MiB."""
-        return {"pid": self.hypervisor.state.pid if self.hypervisor.is_alive() else 0,
-                "cpu": self.cpu, "memory": self.memory_mib}
+    def status(self) -> VMStatus:
+        return VMStatus(pid=self.hypervisor.state.pid if self.hypervisor.is_alive() else 0,
+                        cpu=self.cpu, memory=self.memory_mib)
 
     # ---- hand-over --------------------------------------------------------
 

@@ -112,7 +112,7 @@ class CacheService:
 
     async def status(self, request: empty_pb2.Empty, context: _Context) -> cache_pb2.GrpcStatus:
         return cache_pb2.GrpcStatus(pid=os.getpid(), vmstatus=[
-            cache_pb2.GrpcVMStatus(pid=s["pid"], cpu=s["cpu"], memory=s["memory"]) for s in self.factory.status()])
+            cache_pb2.GrpcVMStatus(pid=s.pid, cpu=s.cpu, memory=s.memory) for s in self.factory.status()])
 
     async def quit(self, request: empty_pb2.Empty, context: _Context) -> empty_pb2.Empty:
         log.info("VM cache server will stop after %.0f second", QUIT_DELAY_S)

@@ -91,7 +91,7 @@ def test_cache_over_direct_and_a_killed_cached_vm_is_replaced(run_root):
             while not factory.status():
                 assert time.monotonic() < deadline, "the cache never filled"
                 await asyncio.sleep(0.1)
-            victim = factory.status()[0]["pid"]
+            victim = factory.status()[0].pid
             os.kill(victim, signal.SIGKILL)
             while process_alive(victim):
                 await asyncio.sleep(0.01)
@@ -120,7 +120,7 @@ def test_cache_over_template_hands_out_clones_and_refills(run_root):
                 while len(factory.status()) < 2:
                     assert time.monotonic() < deadline, "the cache did not refill"
                     await asyncio.sleep(0.05)
-                assert vm.hypervisor.state.pid not in {s["pid"] for s in factory.status()}
+                assert vm.hypervisor.state.pid not in {s.pid for s in factory.status()}
             finally:
                 await vm.stop()
         finally:
