@@ -481,6 +481,9 @@ def test_a_container_sees_only_its_busybox_rootfs(guest, tmp_path):
     created = guest.create("p1", ["sh", "-c", "ls /; echo done"], rootfs=str(root), env=["PATH=/bin"])
     if "mount -t proc" in created.error:
         pytest.skip("this sandbox's /proc is not fully visible, so a new one cannot be mounted here")
+    if "mount -t (bind) none /:" in created.error:
+        pytest.skip("this root is not a mount point (a chroot, as tools/fresh-machine-check.sh runs the "
+                    "tests in), so the container's mounts cannot be made private; tests/integration covers them")
     assert created.error == ""
     guest.response(guest.send(start_process=agent_pb2.StartProcessRequest(exec_id="p1")))
     assert guest.exited("p1") == 0
