@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from factory import template_store
 from factory.template import TemplateFactory
 from tests.integration.vmcache_server import RUNTIME, SERVER, Server, stop_handed_out
-from tests.integration.vmtest import base_config, write_config
+from tests.integration.vmtest import base_config, wait_for, write_config
 
 # Bounded waits for what the server does asynchronously (pool refill, health).
 WAIT_S = 120.0
@@ -54,15 +54,6 @@ def _scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def _wait_for(what: str, probe, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def _health(sock: str) -> int:
     with grpc.insecure_channel(f"unix://{sock}") as channel:
@@ -86,7 +77,7 @@ def test_metrics_health_and_pool_status_follow_the_vms_handed_out_and_a_restart_
     try:
         server.wait_ready(2)
         assert "created by booting a VM" in server.output()
-        assert _wait_for("SERVING", lambda: _health(server.socket) == health_pb2.HealthCheckResponse.SERVING)
+        assert wait_for("SERVING", lambda: _health(server.socket) == health_pb2.HealthCheckResponse.SERVING, WAIT_S)
         before = _scrape(port)
         assert before["kata_vmcache_pool_size"] == 2
         assert before["kata_vmcache_pool_ready_vms"] == 2
@@ -103,7 +94,7 @@ def test_metrics_health_and_pool_status_follow_the_vms_handed_out_and_a_restart_
         assert after["kata_vmcache_get_base_vm_duration_seconds_sum"] > 0
 
         # The pool refills; the builds counter follows.
-        refilled = _wait_for("refill", lambda: (s := _scrape(port))["kata_vmcache_pool_ready_vms"] == 2 and s)
+        refilled = wait_for("refill", lambda: (s := _scrape(port))["kata_vmcache_pool_ready_vms"] == 2 and s, WAIT_S)
         assert refilled["kata_vmcache_vm_build_duration_seconds_count"] >= before[
             "kata_vmcache_vm_build_duration_seconds_count"] + 2
 

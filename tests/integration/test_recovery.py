@@ -13,9 +13,7 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable, TypeVar
 
 from configuration import loader
 from factory import ownership
@@ -27,14 +25,11 @@ from factory.template import TemplateFactory
 from factory.vm import VM
 from hostos import process
 from tests.integration.vmcache_server import Server
-from tests.integration.vmtest import base_config, mounts_under, write_config
+from tests.integration.vmtest import base_config, mounts_under, wait_for, write_config
 
 RUNTIME = "runtime/kata-runtime"
 # Bounds on waits for events (a TCG boot on a loaded 2-core host), never expected durations.
 BOOT_WAIT_S = 180.0
-POLL_S = 0.05
-
-T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +56,6 @@ def _vms(run_root: str) -> list[RunningVM]:
             found.append(RunningVM(state_file.parent.name, owner, state["pid"], state["pid_start_time"]))
     return found
 
-
-def _wait_for(probe: Callable[[], T], what: str, timeout_s: float = BOOT_WAIT_S) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(POLL_S)
-    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
 
 
 def _runtime(config: str, *args: str) -> subprocess.CompletedProcess:
@@ -132,8 +118,8 @@ def test_server_killed_while_making_the_template_is_recovered_by_the_next_start(
     config = write_config(run_root, template=True, cache=1)
     first = Server(run_root, config)
     try:
-        booting = _wait_for(lambda: [vm for vm in _vms(run_root) if vm.owner.kind is OwnerKind.TEMPLATE],
-                            "the template's boot VM")
+        booting = wait_for("the template's boot VM",
+                           lambda: [vm for vm in _vms(run_root) if vm.owner.kind is OwnerKind.TEMPLATE], BOOT_WAIT_S)
         _kill(first)
     finally:
         first.stop()
@@ -161,8 +147,8 @@ def test_server_killed_in_the_middle_of_get_base_vm(run_root):
             handed.append(await client.get_base_vm(client.config()))
             # The pool is empty now: this call waits in the server for the refill.
             pending = asyncio.ensure_future(client.get_base_vm(client.config()))
-            await asyncio.to_thread(_wait_for, lambda: [vm for vm in _vms(run_root) if vm.vm_id != handed[0].id],
-                                    "the pool's refill")
+            await asyncio.to_thread(wait_for, "the pool's refill",
+                                    lambda: [vm for vm in _vms(run_root) if vm.vm_id != handed[0].id], BOOT_WAIT_S)
             await asyncio.to_thread(_kill, first)
             try:
                 handed.append(await pending)  # the reply may have left just before the kill
@@ -210,7 +196,7 @@ def test_a_cached_vms_qemu_killed_is_replaced(run_root):
         pool = server.wait_ready(2)
         victim = [vm for vm in _vms(run_root) if vm.pid == pool.vmstatus[0].pid][0]
         os.kill(victim.pid, signal.SIGKILL)
-        refilled = _wait_for(lambda: _pool_without(server, victim.pid), "a replacement VM")
+        refilled = wait_for("a replacement VM", lambda: _pool_without(server, victim.pid), BOOT_WAIT_S)
         assert len(refilled.vmstatus) == 2
         assert not Path(run_root, "vm", victim.vm_id).exists()
     finally:

@@ -14,14 +14,13 @@ import signal
 import subprocess
 import tempfile
 import termios
-import time
 from pathlib import Path
 
 import pytest
 
 from hostos import process
 from tests.integration.bundles import make_bundle
-from tests.integration.vmtest import clean_up_root, mounts_under, short_tempdir, write_config
+from tests.integration.vmtest import clean_up_root, mounts_under, short_tempdir, wait_for, write_config
 
 RUNTIME = os.path.abspath("runtime/kata-runtime")
 # The data the big-output tests send: random, so any lost, doubled or reordered chunk shows.
@@ -123,15 +122,6 @@ def _set_args(bundle: str, args: list[str]) -> None:
     Path(bundle, "config.json").write_text(json.dumps(config))
 
 
-def _wait_for(what: str, condition, timeout_s: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up waiting for {what} after {timeout_s:.0f} s"
-        time.sleep(0.05)
-
 
 def _with_vm(state: dict) -> dict | None:
     return state if state.get("vm") else None
@@ -182,7 +172,7 @@ def test_256_mib_through_exec_into_a_slow_reader_arrive_byte_exact(kata, bundle)
         out = exec_.stdout.fileno()
         # The reader stalls until its pipe is full: from then on everything upstream must wait,
         # not buffer: the shim stays small and the process in the guest does not finish.
-        _wait_for("the reader's pipe to fill", lambda: _bytes_in_pipe(out) >= 65536)
+        wait_for("the reader's pipe to fill", lambda: _bytes_in_pipe(out) >= 65536, DEADLINE_S)
         assert exec_.poll() is None
         assert _rss_kib(shim) - at_rest < SHIM_GROWTH_BOUND_KIB
         digest, received, most = hashlib.sha256(), 0, 0
@@ -248,7 +238,7 @@ def test_sigkill_of_qemu_under_run_and_exec_ends_them_with_an_error(kata, bundle
     _set_args(path, ["sleep", "600"])
     with tempfile.TemporaryFile() as out:
         run = kata.popen("run", "r1", "--bundle", path, stdout=out, stderr=subprocess.PIPE, text=True)
-        _wait_for("the container to run", lambda: kata.saved_state("r1").get("status") == "running")
+        wait_for("the container to run", lambda: kata.saved_state("r1").get("status") == "running", DEADLINE_S)
         exec_ = kata.popen("exec", "r1", *_sh("echo started; sleep 600"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
         assert exec_.stdout.readline() == "started\n"
@@ -265,7 +255,7 @@ def test_sigkill_of_the_shim_and_its_caller_during_create_then_delete_force_leav
     path, _ = bundle
     create = kata.popen("create", "c1", "--bundle", path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Once the shim has recorded its VM, mid-create (process not made yet).
-    recorded = _wait_for("the shim to record its VM", lambda: _with_vm(kata.saved_state("c1")))
+    recorded = wait_for("the shim to record its VM", lambda: _with_vm(kata.saved_state("c1")), DEADLINE_S)
     assert recorded["status"] == "creating"
     create.kill()
     create.wait()
@@ -281,7 +271,7 @@ def test_delete_force_during_create_leaves_nothing(kata, bundle):
     path, _ = bundle
     create = kata.popen("create", "c1", "--bundle", path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for("create to begin", lambda: os.path.isdir(os.path.join(kata.state_root, "c1")))
+        wait_for("create to begin", lambda: os.path.isdir(os.path.join(kata.state_root, "c1")), DEADLINE_S)
         # Waits for create (the container's lock), then removes what it made.
         done = kata("delete", "--force", "c1")
         assert done.returncode == 0, done.stderr

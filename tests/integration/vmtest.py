@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from factory import sharedfs
 from factory.config import AgentConfig, HypervisorConfig, VMConfig
@@ -17,6 +18,8 @@ from factory.vm import VM
 from hostos import mounts
 from hostos.process import pids_mentioning as processes_mentioning
 from tests.integration.bundles import make_bundle
+
+T = TypeVar("T")
 
 # Small guests keep the suite's tmpfs and memory use low on 2-core CI machines.
 TEST_MEMORY_MIB = 512
@@ -66,6 +69,23 @@ def share_rootfs(vm: VM, container_id: str, args: list[str] | None = None) -> tu
     rootfs = run.shared_writable_dir / container_id / "rootfs"
     mounts.bind_recorded(str(rootfs), str(run.shared_dir / container_id / "rootfs"), readonly=False, nosuid_nodev=True)
     return rootfs, f"{GUEST_SHARED}/{container_id}/rootfs"
+
+
+# How often wait_for looks again: short next to anything worth waiting for across processes.
+WAIT_POLL_S = 0.05
+
+
+def wait_for(what: str, probe: Callable[[], T], timeout_s: float) -> T:
+    """Polls `probe` until it returns something truthy and returns that; AssertionError naming
+    `what` after `timeout_s`. For conditions in other processes (a server's pool, a shim's state
+    file), which no event in this one announces."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {timeout_s:.0f} s"
+        time.sleep(WAIT_POLL_S)
 
 
 def short_tempdir(prefix: str) -> str:
