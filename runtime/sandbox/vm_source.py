@@ -12,7 +12,7 @@ from opentelemetry.context import Context
 
 from configuration.loader import RuntimeConfig
 from factory.errors import FactoryError
-from factory.factory import Factory, new_factory
+from factory.factory import Factory, Mode, new_factory
 from factory.template import TemplateFactory
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ async def open_factory(config: RuntimeConfig, ctx: Context | None = None) -> tup
     if config.enable_template:
         try:
             return await new_factory(local, fetch_only=True, ctx=ctx), "template", warnings
-        except FactoryError:
+        except FactoryError as fetch_err:
+            why: FactoryError = fetch_err
             if not TemplateFactory(local.vm_config, local.template_path).exists():
                 try:
                     # The first sandbox makes the template (as Kata 1.x does),
@@ -39,7 +40,7 @@ async def open_factory(config: RuntimeConfig, ctx: Context | None = None) -> tup
                     factory = await new_factory(local, fetch_only=False, ctx=ctx)
                     return factory, "template (created)", warnings
                 except FactoryError as create_err:
-                    err = create_err
-            warnings.append(f"VM template unusable, booting directly: {err}")
-    direct = dataclasses.replace(local, template=False)
+                    why = create_err
+            warnings.append(f"VM template unusable, booting directly: {why}")
+    direct = dataclasses.replace(local, mode=Mode.DIRECT, template=False)
     return await new_factory(direct, ctx=ctx), "direct", warnings
