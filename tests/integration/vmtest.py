@@ -34,13 +34,15 @@ def base_config(**hypervisor) -> VMConfig:
 
 
 def write_config(root: str, template: bool, cache: int, memory_mib: int = TEST_MEMORY_MIB,
-                 max_vcpus: int = 4, initrd: str = "", dial_timeout_s: float = TEST_BOOT_TIMEOUT_S) -> str:
+                 max_vcpus: int = 4, initrd: str = "", dial_timeout_s: float = TEST_BOOT_TIMEOUT_S,
+                 kernel: str = "") -> str:
     """A configuration.toml keeping everything (template, socket, VMs) under `root`."""
     path = os.path.join(root, "configuration.toml")
     Path(path).write_text(f"""
 [hypervisor.qemu]
 default_memory = {memory_mib}
 default_maxvcpus = {max_vcpus}
+kernel = "{kernel}"
 initrd = "{initrd}"
 [agent.kata]
 dial_timeout = {dial_timeout_s:.0f}

@@ -1,0 +1,207 @@
+"""A private containerd for the integration tests, started with the repo's own configuration file.
+
+The daemon gets the test's --root, --state and --address and the environment the test gives it
+(containerd-shim-runc-v2 passes that environment on to the runtime binary: that is how
+$KATA_CONF_FILE reaches kata-runtime). `ctr` talks to it with --address and one namespace, and
+every container runs with --runc-root and --fifo-dir under the test's directory, so nothing of
+the system containerd (/run/containerd, /var/lib/containerd) is used. One thing containerd 1.6
+puts outside: each shim's socket, /run/containerd/s/<sha256 of address/namespace/id>; `stop`
+checks those of the containers this harness ran and removes any a killed shim left.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from hostos import process
+from tests.integration.vmtest import wait_for
+
+CONTAINERD = "/usr/bin/containerd"
+CTR = "/usr/bin/ctr"
+SHIM = "/usr/bin/containerd-shim-runc-v2"
+# The one configuration file (docs/kubernetes.md shows the same path), in the runfiles.
+CONFIG = "deploy/containerd/config.toml"
+# What that file names as the kata handler's BinaryName: the default install prefix's launcher.
+CONFIG_BINARY = "/usr/local/bin/kata-runtime"
+IMAGE_ARCHIVE = "images/busybox-oci.tar"
+IMAGE = "docker.io/library/kata-busybox:latest"
+NAMESPACE = "kvf"
+# containerd 1.6 hard-codes its shims' socket directory (runtime/v2/shim/util_unix.go).
+SHIM_SOCKET_DIR = "/run/containerd/s"
+# The daemon answers in well under a second; a loaded CI machine gets slack.
+START_TIMEOUT_S = 30.0
+# A ctr command may wait for a VM to boot under TCG, on a loaded 2-core machine.
+CTR_TIMEOUT_S = 300.0
+# containerd stops in milliseconds when it has no task to wait for.
+STOP_TIMEOUT_S = 30.0
+# The harness check with another runc-compatible binary (e.g. /usr/sbin/runc): see `runtime_binary`.
+RUNTIME_OVERRIDE = "KVF_CTR_RUNTIME"
+
+
+def missing() -> str:
+    """Why containerd cannot be used here, or "" when it can (tools/bootstrap.sh installs it)."""
+    absent = [path for path in (CONTAINERD, CTR, SHIM) if not os.access(path, os.X_OK)]
+    if absent:
+        return f"containerd is not installed ({', '.join(absent)} missing): run tools/bootstrap.sh"
+    return ""
+
+
+def runtime_binary(installed: str) -> str:
+    """The runc-compatible binary the tests give ctr: the installed kata-runtime, unless
+    $KVF_CTR_RUNTIME names another one (`--test_env=KVF_CTR_RUNTIME=/usr/sbin/runc` checks the
+    harness and the containerd side alone)."""
+    return os.environ.get(RUNTIME_OVERRIDE) or installed
+
+
+def render_config(dest: str, prefix: str) -> str:
+    """The repo's configuration file with the install prefix substituted in BinaryName; nothing else."""
+    text = Path(CONFIG).read_text()
+    assert CONFIG_BINARY in text, f"{CONFIG} no longer names {CONFIG_BINARY}"
+    Path(dest).write_text(text.replace(CONFIG_BINARY, os.path.join(prefix, "bin", "kata-runtime")))
+    return dest
+
+
+def shim_socket(address: str, namespace: str, container_id: str) -> str:
+    """Where containerd 1.6 puts a container's shim socket (runtime/v2/shim.SocketAddress)."""
+    digest = hashlib.sha256(os.path.join(address, namespace, container_id).encode()).hexdigest()
+    return os.path.join(SHIM_SOCKET_DIR, digest)
+
+
+class Containerd:
+    """One private containerd under `root` (which must be short: it holds the gRPC socket)."""
+
+    def __init__(self, root: str, config: str, env: dict[str, str], runtime: str) -> None:
+        self.root = root
+        self.config = config
+        self.address = os.path.join(root, "c.sock")
+        self.runc_root = os.path.join(root, "runc")
+        self.fifo_dir = os.path.join(root, "fifo")
+        self.runtime = runtime
+        self.log_path = os.path.join(root, "containerd.log")
+        self.env = {**os.environ, **env}
+        # The daemon finds containerd-shim-runc-v2 on PATH; Bazel's test PATH may lack /usr/bin.
+        self.env["PATH"] = "/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin"
+        self.ids: set[str] = set()
+        self.proc: subprocess.Popen | None = None
+        self.started = 0
+
+    # ---- the daemon --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [CONTAINERD, "--config", self.config, "--root", os.path.join(self.root, "lib"),
+                 "--state", os.path.join(self.root, "state"), "--address", self.address],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True)
+        self.started = process.start_time(self.proc.pid) or 0
+        wait_for("containerd to answer on " + self.address, self._answers, START_TIMEOUT_S)
+        assert self.proc.poll() is None, f"containerd exited {self.proc.returncode}: {self.log()}"
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            return True  # start() reports the exit with the log
+        return os.path.exists(self.address) and self.ctr("version", timeout=10).returncode == 0
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> list[str]:
+        """Deletes what is left, stops the daemon and every shim it started; returns what had leaked."""
+        leaks = self.leftovers() if self.proc is not None and self.proc.poll() is None else []
+        if self.proc is not None and self.proc.poll() is None:
+            for container_id in self.containers():
+                self.ctr("task", "kill", "--signal", "SIGKILL", container_id)
+                self.ctr("task", "delete", "--force", container_id)
+                self.ctr("container", "delete", container_id)
+            process.terminate(self.proc.pid, self.started, STOP_TIMEOUT_S)
+            self.proc.wait(STOP_TIMEOUT_S)
+        for sock in (self.address, self.address + ".ttrpc"):  # the daemon's own, which it leaves
+            if os.path.lexists(sock):
+                os.unlink(sock)
+        for pid in self.shim_pids():
+            leaks.append(f"containerd-shim pid {pid} outlived containerd")
+            started = process.start_time(pid)
+            if started is not None:
+                process.terminate(pid, started, STOP_TIMEOUT_S)
+        for container_id in sorted(self.ids):
+            sock = shim_socket(self.address, NAMESPACE, container_id)
+            if os.path.lexists(sock):
+                leaks.append(f"shim socket {sock} of {container_id} left behind")
+                os.unlink(sock)
+        return leaks
+
+    # ---- ctr ---------------------------------------------------------------------------------
+
+    def ctr(self, *args: str, timeout: float = CTR_TIMEOUT_S, check: bool = False) -> subprocess.CompletedProcess:
+        argv = [CTR, "--address", self.address, "--namespace", NAMESPACE, *args]
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, env=self.env)
+        if check:
+            assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}: {done.stderr}"
+        return done
+
+    def import_image(self, archive: str = IMAGE_ARCHIVE) -> str:
+        self.ctr("images", "import", archive, check=True)
+        return IMAGE
+
+    def run_argv(self, container_id: str, *command: str, detach: bool = False, tty: bool = False) -> list[str]:
+        """`ctr run` of the image with the test's runtime binary, runc root and fifo dir: --rm, or -d."""
+        self.ids.add(container_id)
+        os.makedirs(self.fifo_dir, exist_ok=True)
+        return [CTR, "--address", self.address, "--namespace", NAMESPACE, "run",
+                "--runc-binary", self.runtime, "--runc-root", self.runc_root, "--fifo-dir", self.fifo_dir,
+                "-d" if detach else "--rm", *(["-t"] if tty else []), IMAGE, container_id, *command]
+
+    def run(self, container_id: str, *command: str, detach: bool = False) -> subprocess.CompletedProcess:
+        argv = self.run_argv(container_id, *command, detach=detach)
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=CTR_TIMEOUT_S, env=self.env)
+
+    def exec(self, container_id: str, exec_id: str, *command: str) -> subprocess.CompletedProcess:
+        return self.ctr("task", "exec", "--exec-id", exec_id, "--fifo-dir", self.fifo_dir, container_id, *command)
+
+    def task_status(self, container_id: str) -> str:
+        """RUNNING, STOPPED, ... as `ctr task ls` says; "" when there is no task."""
+        for line in self.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields and fields[0] == container_id:
+                return fields[-1]
+        return ""
+
+    def task_pid(self, container_id: str) -> int:
+        for line in self.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields and fields[0] == container_id:
+                return int(fields[1])
+        raise AssertionError(f"no task {container_id}")
+
+    def containers(self) -> list[str]:
+        return self.ctr("containers", "list", "--quiet", timeout=30).stdout.split()
+
+    # ---- what is left --------------------------------------------------------------------------
+
+    def shim_pids(self) -> list[int]:
+        return [pid for pid in process.pids_mentioning(self.address)
+                if self.proc is None or pid != self.proc.pid]
+
+    def leftovers(self) -> list[str]:
+        """Containers, tasks, shims, runtime state and shim sockets still there (the daemon itself aside)."""
+        left = [f"container {c}" for c in self.containers()]
+        left += [f"task {line.split()[0]}" for line in self.ctr("task", "ls", timeout=30).stdout.splitlines()[1:]
+                 if line.strip()]
+        left += [f"containerd-shim pid {pid}" for pid in self.shim_pids()]
+        state = os.path.join(self.runc_root, NAMESPACE)
+        if os.path.isdir(state):
+            left += [f"runtime state {state}/{name}" for name in sorted(os.listdir(state))]
+        left += [f"shim socket of {c}" for c in sorted(self.ids)
+                 if os.path.lexists(shim_socket(self.address, NAMESPACE, c))]
+        return left
+
