@@ -16,9 +16,12 @@ venv=${KATA_VMFACTORY_VENV:-$state/venv}
 #   build-essential today; named here because the project needs them, not Bazel);
 # - python3-venv: the pinned venv; ca-certificates: pip's HTTPS;
 # - busybox-static and cpio go into the guest image;
-# - systemd brings systemd-analyze, which checks the VMCache unit.
+# - systemd brings systemd-analyze, which checks the VMCache unit;
+# - containerd (it brings runc and containerd-shim-runc-v2): the engine the containerd tests
+#   drive kata-runtime with. Its tests start a private daemon; the system service stays as
+#   Debian installs it (enabled, for a node that uses containerd), and no test talks to it.
 apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio
-              python3 python3-dev python3-venv gcc libc6-dev ca-certificates systemd)
+              python3 python3-dev python3-venv gcc libc6-dev ca-certificates systemd containerd)
 
 step() { printf 'bootstrap: %s\n' "$*" >&2; }
 
