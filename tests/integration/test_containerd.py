@@ -36,8 +36,9 @@ INSTALL = "tools/install"
 TASK_TIMEOUT_S = 60.0
 POOL_TIMEOUT_S = 180.0
 START_TIMEOUT_S = 300.0  # a task starts (and prints) once its VM has booted, under TCG
-# An odd size, so the container cannot print it by chance.
-TERMINAL_ROWS, TERMINAL_COLUMNS = 33, 101
+# Odd sizes, so the container cannot print them by chance: the size at start, then after a resize.
+TERMINAL_SIZE = (33, 101)
+RESIZED = (41, 123)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ class Terminal:
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", TERMINAL_ROWS, TERMINAL_COLUMNS, 0, 0))
+        self.resize(TERMINAL_SIZE, slave)
         try:
             self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
                                          start_new_session=True)
@@ -158,6 +159,17 @@ class Terminal:
 
     def type(self, text: str) -> None:
         os.write(self.master, text.encode())
+
+    def resize(self, size: tuple[int, int], fd: int | None = None) -> None:
+        fcntl.ioctl(self.master if fd is None else fd, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
+
+    def answer(self, command: str, mark: int) -> str:
+        """What the shell prints for `command`: up to an end mark only the shell can print
+        (the typed line echoes as end-$((mark+0)))."""
+        start = len(self.seen)
+        self.type(f"{command}; echo end-$(({mark}+0))\n")
+        self.expect(f"end-{mark}\r")
+        return self.seen[start:].decode(errors="replace")
 
     def expect(self, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
         """Reads until `what` has appeared; AssertionError (with the screen) after `timeout_s`."""
@@ -195,15 +207,21 @@ class Terminal:
         os.close(self.master)
 
 
-def test_ctr_run_t_gives_an_interactive_shell_with_the_terminals_size(ctrd, run_root):
+def test_ctr_run_t_gives_an_interactive_shell_that_follows_the_terminals_size(ctrd, run_root):
     """THE TERMINAL TEST: needs kata-runtime's --console-socket (helper "tty")."""
     term = Terminal(ctrd.run_argv("tty", "sh", tty=True), ctrd.env)
     try:
         term.expect("# ")  # busybox sh's root prompt: the shell reads the terminal
         term.type("echo hi-$((1+2))\n")
         term.expect("hi-3")  # the typed line echoes as hi-$((1+2)); only the shell prints hi-3
-        term.type("stty size\n")
-        term.expect(f"{TERMINAL_ROWS} {TERMINAL_COLUMNS}")
+        assert "{} {}".format(*TERMINAL_SIZE) in term.answer("stty size", 0)
+        # A resize reaches ctr as SIGWINCH (sent here: the pty is not ctr's controlling terminal),
+        # and ctr passes it on to the task's terminal; it lands a moment later, so ask again.
+        term.resize(RESIZED)
+        term.proc.send_signal(signal.SIGWINCH)
+        marks = iter(range(1, 1000))
+        wait_for("the new size inside the container",
+                 lambda: "{} {}".format(*RESIZED) in term.answer("stty size", next(marks)), TASK_TIMEOUT_S)
         term.type("exit 5\n")
         assert term.wait_exit() == 5, term.seen[-2000:]
     finally:
