@@ -36,6 +36,8 @@ START_TIMEOUT_S = 30.0
 CTR_TIMEOUT_S = 300.0
 # containerd stops in milliseconds when it has no task to wait for.
 STOP_TIMEOUT_S = 30.0
+# Killing and deleting a leftover task stops its VM: seconds, unless the runtime hangs.
+CLEANUP_TIMEOUT_S = 60.0
 # The harness check with another runc-compatible binary (e.g. /usr/sbin/runc): see `runtime_binary`.
 RUNTIME_OVERRIDE = "KVF_CTR_RUNTIME"
 
@@ -114,28 +116,35 @@ class Containerd:
             return ""
 
     def stop(self) -> list[str]:
-        """Deletes what is left, stops the daemon and every shim it started; returns what had leaked."""
-        leaks = self.leftovers() if self.proc is not None and self.proc.poll() is None else []
-        if self.proc is not None and self.proc.poll() is None:
-            for container_id in self.containers():
-                self.ctr("task", "kill", "--signal", "SIGKILL", container_id)
-                self.ctr("task", "delete", "--force", container_id)
-                self.ctr("container", "delete", container_id)
-            process.terminate(self.proc.pid, self.started, STOP_TIMEOUT_S)
-            self.proc.wait(STOP_TIMEOUT_S)
-        for sock in (self.address, self.address + ".ttrpc"):  # the daemon's own, which it leaves
-            if os.path.lexists(sock):
-                os.unlink(sock)
-        for pid in self.shim_pids():
-            leaks.append(f"containerd-shim pid {pid} outlived containerd")
-            started = process.start_time(pid)
-            if started is not None:
-                process.terminate(pid, started, STOP_TIMEOUT_S)
-        for container_id in sorted(self.ids):
-            sock = shim_socket(self.address, NAMESPACE, container_id)
-            if os.path.lexists(sock):
-                leaks.append(f"shim socket {sock} of {container_id} left behind")
-                os.unlink(sock)
+        """Deletes what is left, stops the daemon and every shim it started; returns what had leaked.
+        The daemon and the shims are stopped even when deleting through ctr fails or hangs."""
+        leaks: list[str] = []
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                leaks += self.leftovers()
+                for container_id in self.containers():
+                    self.ctr("task", "kill", "--signal", "SIGKILL", container_id, timeout=CLEANUP_TIMEOUT_S)
+                    self.ctr("task", "delete", "--force", container_id, timeout=CLEANUP_TIMEOUT_S)
+                    self.ctr("container", "delete", container_id, timeout=CLEANUP_TIMEOUT_S)
+        except subprocess.TimeoutExpired as err:
+            leaks.append(f"cleaning up through ctr hung: {err}")
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                process.terminate(self.proc.pid, self.started, STOP_TIMEOUT_S)
+                self.proc.wait(STOP_TIMEOUT_S)
+            for sock in (self.address, self.address + ".ttrpc"):  # the daemon's own, which it leaves
+                if os.path.lexists(sock):
+                    os.unlink(sock)
+            for pid in self.shim_pids():
+                leaks.append(f"containerd-shim pid {pid} outlived containerd")
+                started = process.start_time(pid)
+                if started is not None:
+                    process.terminate(pid, started, STOP_TIMEOUT_S)
+            for container_id in sorted(self.ids):
+                sock = shim_socket(self.address, NAMESPACE, container_id)
+                if os.path.lexists(sock):
+                    leaks.append(f"shim socket {sock} of {container_id} left behind")
+                    os.unlink(sock)
         return leaks
 
     # ---- ctr ---------------------------------------------------------------------------------
@@ -184,7 +193,7 @@ class Containerd:
         raise AssertionError(f"no task {container_id}")
 
     def containers(self) -> list[str]:
-        return self.ctr("containers", "list", "--quiet", timeout=30).stdout.split()
+        return self.ctr("containers", "list", "--quiet", timeout=CLEANUP_TIMEOUT_S).stdout.split()
 
     # ---- what is left --------------------------------------------------------------------------
 
@@ -195,7 +204,7 @@ class Containerd:
     def leftovers(self) -> list[str]:
         """Containers, tasks, shims, runtime state and shim sockets still there (the daemon itself aside)."""
         left = [f"container {c}" for c in self.containers()]
-        left += [f"task {line.split()[0]}" for line in self.ctr("task", "ls", timeout=30).stdout.splitlines()[1:]
+        left += [f"task {line.split()[0]}" for line in self.ctr("task", "ls", timeout=CLEANUP_TIMEOUT_S).stdout.splitlines()[1:]
                  if line.strip()]
         left += [f"containerd-shim pid {pid}" for pid in self.shim_pids()]
         state = os.path.join(self.runc_root, NAMESPACE)
