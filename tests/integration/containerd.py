@@ -204,8 +204,8 @@ class Containerd:
     def leftovers(self) -> list[str]:
         """Containers, tasks, shims, runtime state and shim sockets still there (the daemon itself aside)."""
         left = [f"container {c}" for c in self.containers()]
-        left += [f"task {line.split()[0]}" for line in self.ctr("task", "ls", timeout=CLEANUP_TIMEOUT_S).stdout.splitlines()[1:]
-                 if line.strip()]
+        tasks = self.ctr("task", "ls", timeout=CLEANUP_TIMEOUT_S).stdout.splitlines()[1:]
+        left += [f"task {line.split()[0]}" for line in tasks if line.strip()]
         left += [f"containerd-shim pid {pid}" for pid in self.shim_pids()]
         state = os.path.join(self.runc_root, NAMESPACE)
         if os.path.isdir(state):
