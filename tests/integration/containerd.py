@@ -174,8 +174,13 @@ class Containerd:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=CTR_TIMEOUT_S, env=self.env)
 
+    def exec_argv(self, container_id: str, exec_id: str, *command: str, tty: bool = False) -> list[str]:
+        return [CTR, "--address", self.address, "--namespace", NAMESPACE, "task", "exec", "--exec-id", exec_id,
+                "--fifo-dir", self.fifo_dir, *(["-t"] if tty else []), container_id, *command]
+
     def exec(self, container_id: str, exec_id: str, *command: str) -> subprocess.CompletedProcess:
-        return self.ctr("task", "exec", "--exec-id", exec_id, "--fifo-dir", self.fifo_dir, container_id, *command)
+        return subprocess.run(self.exec_argv(container_id, exec_id, *command), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=CTR_TIMEOUT_S, env=self.env)
 
     def task_status(self, container_id: str) -> str:
         """RUNNING, STOPPED, ... as `ctr task ls` says; "" when there is no task."""

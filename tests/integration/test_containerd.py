@@ -208,7 +208,7 @@ class Terminal:
 
 
 def test_ctr_run_t_gives_an_interactive_shell_that_follows_the_terminals_size(ctrd, run_root):
-    """THE TERMINAL TEST: needs kata-runtime's --console-socket (helper "tty")."""
+    """THE TERMINAL TEST: needs kata-runtime's --console-socket, for create and exec (helper "tty")."""
     term = Terminal(ctrd.run_argv("tty", "sh", tty=True), ctrd.env)
     try:
         term.expect("# ")  # busybox sh's root prompt: the shell reads the terminal
@@ -222,6 +222,15 @@ def test_ctr_run_t_gives_an_interactive_shell_that_follows_the_terminals_size(ct
         marks = iter(range(1, 1000))
         wait_for("the new size inside the container",
                  lambda: "{} {}".format(*RESIZED) in term.answer("stty size", next(marks)), TASK_TIMEOUT_S)
+        # An exec with a terminal of its own, beside the shell.
+        execed = Terminal(ctrd.exec_argv("tty", "tty-exec", "sh", "-c", "tty; echo exec-$((2+2)); exit 6", tty=True),
+                          ctrd.env)
+        try:
+            execed.expect("exec-4")
+            assert execed.wait_exit() == 6, execed.seen[-2000:]
+        finally:
+            execed.close()
+        assert b"/dev/pts/" in execed.seen, execed.seen  # `tty` names a pty, not "not a tty"
         term.type("exit 5\n")
         assert term.wait_exit() == 5, term.seen[-2000:]
     finally:
