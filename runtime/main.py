@@ -350,18 +350,48 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _underscored(argv: list[str]) -> list[str]:
     """runc spells flags with dashes (--pid-file); absl knows them with underscores (--pid_file).
-    Nothing after "--" is touched: that is a process's command line (exec ID -- CMD ARGS)."""
-    out = []
+    Nothing after "--" is touched: that is a process's command line (exec ID -- CMD ARGS), and
+    runc's `exec ID CMD ARGS` gets its "--" here, so that the process's own flags stay its own."""
+    out: list[str] = []
+    positionals = 0
+    takes_value = False
     for index, arg in enumerate(argv):
         if arg == "--":
             return out + argv[index:]
+        if index == 0 or takes_value:
+            out.append(arg)
+            takes_value = False
+            continue
         if arg == "-v":
             arg = "--version"
-        if arg.startswith("--") and index > 0:
-            name, sep, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + sep + value
+        if arg.startswith("-") and arg != "-":
+            name, sep, value = arg.lstrip("-").partition("=")
+            name = name.replace("-", "_")
+            if arg.startswith("--"):
+                arg = "--" + name + sep + value
+            flag = FLAGS[name] if name in FLAGS else None
+            takes_value = bool(flag is not None and not flag.boolean and not sep)
+            out.append(arg)
+            continue
+        positionals += 1
         out.append(arg)
+        if positionals == 2 and out[_command_index(out)] == "exec" and index + 1 < len(argv):
+            return out + ["--"] + argv[index + 1:] if argv[index + 1] != "--" else out + argv[index + 1:]
     return out
+
+
+def _command_index(argv: list[str]) -> int:
+    """Where the command is in an argv whose flag values are known to follow their flags."""
+    index = 1
+    while index < len(argv):
+        arg = argv[index]
+        if arg.startswith("-") and arg != "-":
+            name, sep, _ = arg.lstrip("-").partition("=")
+            flag = FLAGS[name] if name in FLAGS else None
+            index += 2 if flag is not None and not flag.boolean and not sep else 1
+            continue
+        return index
+    return index
 
 
 if __name__ == "__main__":

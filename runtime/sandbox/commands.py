@@ -147,13 +147,16 @@ def state_json(store: StateStore, container_id: str, out: TextIO) -> int:
 
 
 def parse_signal(name: str) -> int:
+    """A signal by number (1..64) or name (KILL, SIGKILL, kill), as runc's kill takes it."""
     if name.isdigit():
-        return int(name)
+        if 1 <= int(name) <= signals.SIGRTMAX:
+            return int(name)
+        raise ContainerError(f"unknown signal {name!r}: numbers go from 1 to {int(signals.SIGRTMAX)}")
     key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
     try:
         return int(signals.Signals[key])
     except KeyError:
-        raise ContainerError(f"unknown signal {name!r}") from None
+        raise ContainerError(f"unknown signal {name!r}; use a name such as KILL or TERM, or a number") from None
 
 
 def kill(store: StateStore, container_id: str, signal_name: str = "SIGTERM", every_process: bool = False) -> int:
