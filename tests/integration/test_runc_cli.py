@@ -268,3 +268,51 @@ def test_kill_all_reaches_the_execs_and_errors_keep_runcs_words(engine, bundle):
     finally:
         init.close()
         engine.run(bundle, "delete", "--force", "c3")
+
+
+def test_pause_resume_update_ps_table_and_foreground_execs(engine, bundle):
+    log = os.path.join(bundle, "log.json")
+    pid_file = os.path.join(bundle, "init.pid")
+    init = Stdio()
+    create = init.start(engine.argv(bundle, "create", "--bundle", bundle, "--pid-file", pid_file, "c4"))
+    try:
+        assert create.wait(DEADLINE_S) == 0, last_error(log)
+        shim = int(Path(pid_file).read_text())
+        engine.check(bundle, "start", "c4")
+        assert init.read_line() == b"ready\n"
+
+        engine.check(bundle, "pause", "c4")
+        assert engine.state(bundle, "c4")["status"] == "paused"
+        refused = engine.run(bundle, "exec", "c4", "true")
+        assert refused.returncode == 1 and "container not running" in refused.stderr
+        engine.check(bundle, "resume", "c4")
+        assert engine.state(bundle, "c4")["status"] == "running"
+
+        update = subprocess.run(engine.argv(bundle, "update", "--resources", "-", "c4"), input='{"cpu": {}}',
+                                capture_output=True, text=True, timeout=DEADLINE_S)
+        assert update.returncode == 0 and "not applied" in update.stderr
+
+        # Foreground execs: runc's `exec ID CMD ARGS` and `exec --process F`, exit status as our own.
+        done = engine.run(bundle, "exec", "c4", "sh", "-c", "echo out; exit 5")
+        assert (done.returncode, done.stdout) == (5, "out\n"), done.stderr
+        process_file = _process_json(bundle, "fg", ["sh", "-c", "echo \"$X in $PWD\"; exit 6"])
+        done = engine.run(bundle, "exec", "--process", process_file, "--cwd", "/tmp", "--env", "X=x1", "c4")
+        assert (done.returncode, done.stdout) == (6, "x1 in /tmp\n"), done.stderr
+        tty = engine.run(bundle, "exec", "--tty", "c4", "sh")
+        assert tty.returncode == 1 and "terminal" in tty.stderr and "terminal" in last_error(log)
+
+        table = engine.check(bundle, "ps", "c4").splitlines()
+        assert "PID" in table[0].split() and [int(row.split()[1]) for row in table[1:]] == [shim]
+
+        engine.check(bundle, "delete", "--force", "c4")
+        assert _reap(shim) == 128 + signal.SIGKILL
+    finally:
+        init.close()
+        engine.run(bundle, "delete", "--force", "c4")
+
+
+def test_version_and_features_are_runcs_documents(engine, tmp_path):
+    lines = subprocess.run([RUNTIME, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0].startswith("kata-runtime version ") and lines[2].startswith("spec: 1.0")
+    document = json.loads(subprocess.run([RUNTIME, "features"], capture_output=True, text=True, check=True).stdout)
+    assert document["ociVersionMax"].startswith("1.0") and "pid" in document["linux"]["namespaces"]
