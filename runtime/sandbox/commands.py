@@ -40,9 +40,12 @@ log = logging.getLogger("kata-runtime")
 
 
 def warn(message: str) -> None:
-    """A warning for the user (stderr) and for the engine's log (--log)."""
-    print(f"kata-runtime: warning: {message}", file=sys.stderr)
-    log.warning("%s", message)
+    """A warning for the --log file when there is one (as runc's: `create`'s stderr is the
+    container's, which a runtime warning must not pollute), else for stderr."""
+    if any(not isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.warning("%s", message)
+    else:
+        print(f"kata-runtime: warning: {message}", file=sys.stderr)
 
 
 def shim_alive(state: ContainerState) -> bool:
@@ -181,8 +184,12 @@ def kill(store: StateStore, container_id: str, signal_name: str = "SIGTERM", eve
 
 
 def delete(store: StateStore, container_id: str, force: bool) -> int:
-    """Waits for a create in progress (its lock), then removes the container and its lock file."""
+    """Waits for a create in progress (its lock), then removes the container and its lock file.
+    With `force`, a container that does not exist is no error (runc's delete --force, which
+    containerd runs again when it cleans up after its shim)."""
     with _locked(store, container_id):
+        if force and not store.dir(container_id).exists():
+            return 0
         state = current_state(store, container_id)
         if state.status in (Status.RUNNING, Status.PAUSED) and not force:
             raise ContainerError(f"cannot delete container {container_id!r} that is not stopped: "
