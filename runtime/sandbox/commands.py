@@ -8,7 +8,6 @@ match on it: "container not running", "does not exist".
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -20,9 +19,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
-from factory import reaper, sharedfs
-from factory.ownership import OwnerKind
-from factory.vm import stop_recorded
 from hostos import files
 from hostos import process as host_process
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
@@ -208,6 +204,14 @@ def delete(store: StateStore, container_id: str, force: bool) -> int:
 
 def _cleanup(store: StateStore, container_id: str) -> None:
     """Whatever is left of a container whose shim is gone or failed: VM, mount, state."""
+    # Imported here: only a container whose shim did not clean up needs the factory library, and
+    # every other command starts faster without it (containerd runs one per operation).
+    import asyncio
+
+    from factory import reaper, sharedfs
+    from factory.ownership import OwnerKind
+    from factory.vm import stop_recorded
+
     try:
         state = store.load(container_id)
     except ContainerError:

@@ -19,14 +19,16 @@ object): two replies in one read, or one reply over many, decode the same.
 from __future__ import annotations
 
 import array
-import asyncio
 import json
 import os
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.sandbox.state import ContainerError
+
+if TYPE_CHECKING:
+    import asyncio
 
 HEADER = struct.Struct(">I")
 # A request carries one OCI process (args, env): a few KiB. The cap only bounds what a corrupt
@@ -168,6 +170,8 @@ async def receive_request(sock: socket.socket, decoder: FrameDecoder | None = No
     frames after it stay in `decoder` (see ExecChannel).
 
     asyncio's streams drop ancillary data, so the request is read with recvmsg here."""
+    import asyncio  # the shim's side only: the commands (clients) start faster without it
+
     loop = asyncio.get_running_loop()
     decoder = decoder if decoder is not None else FrameDecoder()
     fds: list[int] = []
@@ -203,6 +207,8 @@ class ExecChannel:
 
     async def messages(self):
         """The caller's frames until it closes the connection (or sends garbage)."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         for message in self.decoder.feed(b""):
             yield message
@@ -224,6 +230,8 @@ def _set_once(ready: asyncio.Future[None]) -> None:
 
 
 async def _recv_with_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
+    import asyncio
+
     fds = array.array("i")
     while True:
         try:
