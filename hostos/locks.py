@@ -6,7 +6,6 @@ a crashed holder never blocks the next one.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -107,6 +106,8 @@ def exclusive(path: str, timeout_s: float) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def exclusive_async(path: str, timeout_s: float) -> AsyncIterator[None]:
     """exclusive() for event-loop code: the wait does not block the loop."""
+    import asyncio  # here: the runtime's short commands take locks without an event loop
+
     deadline = time.monotonic() + timeout_s
     while (fd := _acquire_once(path)) is None:
         if time.monotonic() >= deadline:

@@ -2,13 +2,16 @@
 
 Each kata-runtime command is a short-lived process; the shim is the one
 long-lived owner of a sandbox's VM connection, and these are its requests:
-  {"op": "start"} | {"op": "kill", "signal": N} | {"op": "wait"}
-  {"op": "exec", "exec_id": ..., "process": {...}} with the caller's stdout and stderr attached
-  {"op": "delete"}
+  {"op": "start"} | {"op": "kill", "signal": N, "all": bool} | {"op": "wait"} | {"op": "ps"}
+  {"op": "pause"} | {"op": "resume"} | {"op": "delete"}
+  {"op": "exec", "exec_id": ..., "process": {...}, "console_socket": path or ""} with the
+      caller's stdin, stdout and stderr attached; later frames on the same connection:
+      {"op": "signal", "signal": N} for the exec's process
 Replies are {"ok": true, ...} or {"error": "..."}; exec and wait reply once
-more with {"exit_status": N} when the process ends. An exec's output does not
-travel on this socket: the shim writes it straight to the caller's stdout and
-stderr, so a slow reader blocks the shim's write and, through it, the process.
+more with {"exit_status": N} when the process ends. An exec's stdio does not
+travel on this socket: the shim reads and writes the caller's fds itself, so a
+slow reader blocks the shim's write and, through it, the process. An exec's
+connection is its life line: closed before the process exits, the shim kills it.
 
 A frame is a 4-byte big-endian payload length and the payload (one JSON
 object): two replies in one read, or one reply over many, decode the same.
@@ -16,21 +19,23 @@ object): two replies in one read, or one reply over many, decode the same.
 from __future__ import annotations
 
 import array
-import asyncio
 import json
 import os
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.sandbox.state import ContainerError
+
+if TYPE_CHECKING:
+    import asyncio
 
 HEADER = struct.Struct(">I")
 # A request carries one OCI process (args, env): a few KiB. The cap only bounds what a corrupt
 # length prefix can make a reader buffer.
 MAX_PAYLOAD = 1 << 20
-# stdout and stderr of an exec.
-MAX_FDS = 2
+# stdin, stdout and stderr of an exec.
+MAX_FDS = 3
 
 
 class FrameError(ContainerError):
@@ -68,10 +73,11 @@ class FrameDecoder:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._early: list[dict[str, Any]] = []
 
     def feed(self, chunk: bytes) -> list[dict[str, Any]]:
         self._buffer += chunk
-        messages = []
+        messages, self._early = self._early, []
         while len(self._buffer) >= HEADER.size:
             length = payload_length(bytes(self._buffer[:HEADER.size]))
             end = HEADER.size + length
@@ -85,6 +91,10 @@ class FrameDecoder:
     def pending(self) -> int:
         """Bytes of a frame begun but not complete."""
         return len(self._buffer)
+
+    def unread(self, messages: list[dict[str, Any]]) -> None:
+        """Puts decoded messages back, to come first from the next feed()."""
+        self._early = messages + self._early
 
 
 # ---- client side (the short-lived kata-runtime commands) ---------------------
@@ -154,12 +164,16 @@ def call(socket_path: str, message: dict[str, Any], timeout_s: float | None = 60
 # ---- server side (the shim) ---------------------------------------------------
 
 
-async def receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """The first frame on a new connection and the fds that came with it (non-blocking `sock`).
+async def receive_request(sock: socket.socket, decoder: FrameDecoder | None = None
+                          ) -> tuple[dict[str, Any], list[int]]:
+    """The first frame on a new connection and the fds that came with it (non-blocking `sock`);
+    frames after it stay in `decoder` (see ExecChannel).
 
     asyncio's streams drop ancillary data, so the request is read with recvmsg here."""
+    import asyncio  # the shim's side only: the commands (clients) start faster without it
+
     loop = asyncio.get_running_loop()
-    decoder = FrameDecoder()
+    decoder = decoder if decoder is not None else FrameDecoder()
     fds: list[int] = []
     try:
         while True:
@@ -169,11 +183,45 @@ async def receive_request(sock: socket.socket) -> tuple[dict[str, Any], list[int
                 raise FrameError("the client closed the connection before its request was complete")
             messages = decoder.feed(data)
             if messages:
+                decoder.unread(messages[1:])
                 return messages[0], fds
     except BaseException:
         for fd in fds:
             _close_quietly(fd)
         raise
+
+
+class ExecChannel:
+    """The shim's side of an exec's connection after the request: the caller's later frames
+    (signals to forward) and its end."""
+
+    def __init__(self, sock: socket.socket, decoder: FrameDecoder) -> None:
+        self.sock = sock
+        self.decoder = decoder
+
+    def peer_pid(self) -> int:
+        """The host pid of the process on the other end (the exec's holder)."""
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _uid, _gid = struct.unpack("3i", creds)
+        return pid
+
+    async def messages(self):
+        """The caller's frames until it closes the connection (or sends garbage)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        for message in self.decoder.feed(b""):
+            yield message
+        while True:
+            try:
+                chunk = await loop.sock_recv(self.sock, 4096)
+                messages = self.decoder.feed(chunk) if chunk else None
+            except (OSError, FrameError):
+                return
+            if messages is None:
+                return
+            for message in messages:
+                yield message
 
 
 def _set_once(ready: asyncio.Future[None]) -> None:
@@ -182,6 +230,8 @@ def _set_once(ready: asyncio.Future[None]) -> None:
 
 
 async def _recv_with_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
+    import asyncio
+
     fds = array.array("i")
     while True:
         try:

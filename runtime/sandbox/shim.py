@@ -1,11 +1,17 @@
 """The per-container shim: creates the sandbox VM and container, then owns them.
 
 `kata-runtime create` starts it detached (own session), with the caller's
-stdout and stderr, which receive the container's output, as runc's container
-process would. It reports "created" or the error on a status pipe, then
-serves start, kill, exec, wait and delete on its control socket. Its own log
+stdin, stdout and stderr, which are the container's stdio, as runc's container
+process would have them. It reports "created" or the error on a status pipe, then
+serves start, kill, exec, wait, ps and delete on its control socket. Its own log
 goes to shim.log in the container's state directory, never to the
 container's stdio.
+
+The shim is the container's host process, as runc's init process is: its pid is
+the one `create --pid-file` writes and `state` prints, it lives while the
+container's process runs, and it exits with that process's exit status once the
+last output is written and the VM is gone, so that a container engine's shim,
+as subreaper, reaps it as it would reap runc's container process.
 
 Every process's output comes over the one agent connection and is written to
 its reader before the next event is read: a reader that stalls holds up the
@@ -35,7 +41,7 @@ from factory.ownership import OwnerKind
 from factory.vm import VM
 from hostos import process as host_process
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
-from runtime.sandbox import control, vm_source
+from runtime.sandbox import control, stdin_relay, vm_source
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore, Status, now_rfc3339
 
 # ProcessOutput stream numbers (agent.proto).
@@ -47,6 +53,13 @@ QEMU_EXIT_GRACE_S = 2.0
 REQUEST_READ_TIMEOUT_S = 30.0
 # Commands on one container are few and short-lived; waits and execs hold a connection each.
 LISTEN_BACKLOG = 64
+# An exec dies with its container's PID namespace when the container's process exits; the guest
+# reports those exits right after it. This long is ample for them before the VM goes.
+EXEC_EXIT_GRACE_S = 5.0
+# What a process that did not exit by itself reports: killed, as by SIGKILL (128 + 9).
+KILLED_STATUS = 128 + signal.SIGKILL
+# After the container has stopped, replies in flight (exit statuses) get this long to be sent.
+REPLY_FLUSH_S = 5.0
 
 _TRACER = "kata_vmfactory.runtime"
 log = logging.getLogger("kata-shim")
@@ -60,11 +73,14 @@ def sized_request(base: VMConfig, spec: BundleSpec) -> VMConfig:
 
 
 class Shim:
-    def __init__(self, store: StateStore, config: RuntimeConfig, container_id: str, bundle: str) -> None:
+    def __init__(self, store: StateStore, config: RuntimeConfig, container_id: str, bundle: str,
+                 console_socket: str = "") -> None:
         self.store = store
         self.config = config
         self.id = container_id
         self.bundle = bundle
+        # Where a terminal's master goes (runc's --console-socket); terminals are refused for now.
+        self.console_socket = console_socket
         self.state = ContainerState(id=container_id, bundle=bundle, status=Status.CREATING, created=now_rfc3339(),
                                     shim_pid=os.getpid(),
                                     shim_start_time=host_process.start_time(os.getpid()) or 0,
@@ -77,6 +93,12 @@ class Shim:
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False  # our teardown: the agent connection closing then is no news
         self.done = asyncio.Event()
+        # The container's stdin (the shim's own fd 0), relayed to its process; None: /dev/null.
+        self.stdin_fd: int | None = 0 if stdin_relay.is_readable_stdin(0) else None
+        # exec id -> the host pid holding its control connection (`ps` lists them).
+        self.exec_holders: dict[str, int] = {}
+        self._teardown: asyncio.Task | None = None
+        self._finishing: asyncio.Task | None = None
 
     # ---- create -------------------------------------------------------------
 
@@ -92,6 +114,7 @@ class Shim:
 
         spec = load_bundle(self.bundle)
         self.state.annotations = dict(spec.annotations)
+        self.state.rootfs = spec.rootfs
         self.store.save(self.state)
         # The VM is this shim's from its first moment: if the shim dies, gc reaps it.
         ownership.act_as(OwnerKind.CONTAINER, self.id)
@@ -112,9 +135,9 @@ class Shim:
         self.state.guest_rootfs = rootfs_share.guest_path
         self.store.save(self.state)
         pid = await self._create_process(self.id, spec.process, ctx, hostname=spec.hostname,
-                                         readonly=spec.rootfs_readonly)
+                                         readonly=spec.rootfs_readonly, open_stdin=self.stdin_fd is not None)
         phase("create_process")
-        self.state.pid = pid
+        self.state.guest_pid = pid
         self.state.status = Status.CREATED
         self.state.annotations.update({
             "io.katacontainers.factory.path": path,
@@ -125,14 +148,14 @@ class Shim:
         self.store.save(self.state)
 
     async def _create_process(self, exec_id: str, process: ProcessSpec, ctx: Context | None,
-                              hostname: str = "", readonly: bool = False) -> int:
+                              hostname: str = "", readonly: bool = False, open_stdin: bool = False) -> int:
         # The container's own limits bound its execs too; an exec joins the container's namespaces.
         spec = load_bundle(self.bundle)
         limits = process if exec_id == self.id else spec.process
         return await self.vm.agent.create_process(
             exec_id=exec_id, args=process.args, env=process.env, cwd=process.cwd, uid=process.uid,
             gid=process.gid, additional_gids=process.additional_gids,
-            rootfs=self.state.guest_rootfs, rootfs_readonly=readonly, hostname=hostname,
+            rootfs=self.state.guest_rootfs, rootfs_readonly=readonly, hostname=hostname, open_stdin=open_stdin,
             container_exec_id="" if exec_id == self.id else self.id, capabilities=limits.capabilities,
             rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=spec.mounts,
             readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, ctx=ctx)
@@ -160,6 +183,7 @@ class Shim:
                     self.state.exit_status = exited.exit_status
                     self.store.save(self.state)
                     self.exited.set()
+                    self.finish()
                 else:
                     waiter = self.exec_exits.get(exited.exec_id)
                     if waiter is not None and not waiter.done():
@@ -205,17 +229,22 @@ class Shim:
         for waiter in self.exec_exits.values():
             if not waiter.done():
                 waiter.set_exception(ContainerError(f"container {self.id} stopped: {reason}"))
+        self.finish()
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         fds: list[int] = []
+        decoder = control.FrameDecoder()
 
         async def send(message: dict[str, Any]) -> None:
             await loop.sock_sendall(sock, control.encode(message))
 
         try:
-            request, fds = await asyncio.wait_for(control.receive_request(sock), REQUEST_READ_TIMEOUT_S)
-            await self._handle(request, fds, send)
+            request, fds = await asyncio.wait_for(control.receive_request(sock, decoder), REQUEST_READ_TIMEOUT_S)
+            if request.get("op") == "exec":
+                await self._exec(request, fds, send, control.ExecChannel(sock, decoder))
+            else:
+                await self._handle(request, fds, send)
         except Exception as err:  # every failure goes back to the command that asked
             log.warning("request failed: %s", err)
             try:
@@ -237,9 +266,12 @@ class Shim:
             self.store.save(self.state)
             await send({"ok": True})
         elif op == "kill":
-            if self.state.status == Status.STOPPED:
-                raise ContainerError(f"container {self.id} is not running")
-            await self.vm.agent.signal_process(self.id, int(request.get("signal", signal.SIGTERM)))
+            await self._kill(int(request.get("signal", signal.SIGTERM)), bool(request.get("all")))
+            await send({"ok": True})
+        elif op == "ps":
+            await send({"ok": True, "pids": [os.getpid(), *self.exec_holders.values()]})
+        elif op in ("pause", "resume"):
+            await self._pause_or_resume(op)
             await send({"ok": True})
         elif op == "wait":
             await send({"ok": True})
@@ -247,38 +279,115 @@ class Shim:
             if self.state.exit_status is None:
                 raise ContainerError(f"container {self.id} stopped: {self.state.reason}")
             await send({"exit_status": self.state.exit_status})
-        elif op == "exec":
-            await self._exec(request, fds, send)
         elif op == "delete":
-            await self.teardown()
+            # Of a container never started, or stopped and on its way out: either way the shim goes.
+            self.state.reason = self.state.reason or "deleted"
+            await asyncio.shield(self.finish())
             await send({"ok": True})
-            self.done.set()
         else:
             raise ContainerError(f"unknown shim request {op!r}")
 
-    async def _exec(self, request: dict[str, Any], fds: list[int], send) -> None:
+    async def _exec(self, request: dict[str, Any], fds: list[int], send, channel: control.ExecChannel) -> None:
+        """An exec lives as long as its control connection: the caller (a foreground `exec`, or
+        the detached holder whose pid a container engine kills) forwards signals on it, and its
+        closing before the process has exited kills the process, as SIGKILL of runc's exec would."""
         if self.state.status != Status.RUNNING:
             why = f" ({self.state.reason})" if self.state.reason else ""
             raise ContainerError(f"container {self.id} is {self.state.status}{why}; exec needs a running container")
-        if len(fds) != 2:
-            raise ContainerError(f"exec needs the caller's stdout and stderr attached, got {len(fds)} fds")
+        if len(fds) != 3:
+            raise ContainerError(f"exec needs the caller's stdin, stdout and stderr attached, got {len(fds)} fds")
         exec_id = str(request["exec_id"])
         process = parse_process(request["process"], "exec")
+        stdin = fds[0] if stdin_relay.is_readable_stdin(fds[0]) else None
         exit_status = asyncio.get_running_loop().create_future()
         self.exec_exits[exec_id] = exit_status
-        self.outputs[exec_id] = {STDOUT: fds[0], STDERR: fds[1]}
+        self.outputs[exec_id] = {STDOUT: fds[1], STDERR: fds[2]}
+        watch = relay = None
         try:
-            await self._create_process(exec_id, process, None)
+            await self._create_process(exec_id, process, None, open_stdin=stdin is not None)
             await self.vm.agent.start_process(exec_id)
+            self.exec_holders[exec_id] = channel.peer_pid()
             await send({"ok": True})
+            watch = self._spawn(self._watch_exec(exec_id, channel, exit_status), f"watch-{exec_id}")
+            if stdin is not None:
+                relay = self._spawn(stdin_relay.relay(self.vm.agent, exec_id, stdin), f"stdin-{exec_id}")
             # Set after the relay wrote the process's last output (the guest sends it first).
             await send({"exit_status": await exit_status})
         finally:
+            for task in (watch, relay):
+                if task is not None:
+                    task.cancel()
             self.exec_exits.pop(exec_id, None)
             self.outputs.pop(exec_id, None)
+            self.exec_holders.pop(exec_id, None)
+
+    async def _watch_exec(self, exec_id: str, channel: control.ExecChannel, exit_status: asyncio.Future) -> None:
+        async for message in channel.messages():
+            if message.get("op") == "signal":
+                await self._signal_quietly(exec_id, int(message.get("signal", signal.SIGTERM)))
+        if not exit_status.done():
+            log.info("exec %s: its caller went away; killing it", exec_id)
+            await self._signal_quietly(exec_id, signal.SIGKILL)
+
+    # ---- runc's kill, pause and resume; the end of the container ---------------
+
+    async def _kill(self, signum: int, every_process: bool) -> None:
+        if self.state.status in (Status.STOPPED, Status.CREATING):
+            if every_process:
+                return  # nothing left to signal, as runc's kill --all of a stopped container
+            raise ContainerError(f"container {self.id}: container not running")
+        if self.state.status == Status.PAUSED:
+            await self._pause_or_resume("resume")  # a frozen guest cannot take the signal
+        await self.vm.agent.signal_process(self.id, signum)
+        if every_process:
+            for exec_id in list(self.exec_holders):
+                await self._signal_quietly(exec_id, signum)
+
+    async def _pause_or_resume(self, op: str) -> None:
+        want, then = (Status.RUNNING, Status.PAUSED) if op == "pause" else (Status.PAUSED, Status.RUNNING)
+        if self.state.status != want:
+            raise ContainerError(f"container {self.id} is {self.state.status}, not {want}: cannot {op} it")
+        if op == "pause":
+            await self.vm.hypervisor.pause()
+        else:
+            await self.vm.hypervisor.resume()
+        self.state.status = then
+        self.store.save(self.state)
+
+    def finish(self) -> asyncio.Task:
+        """The container has stopped: tear down and let the shim exit (once, in the background)."""
+        if self._finishing is None:
+            self._finishing = self._spawn(self._finish(), "finish")
+        return self._finishing
+
+    async def _finish(self) -> None:
+        if self.exec_exits:
+            pending = [w for w in self.exec_exits.values() if not w.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=EXEC_EXIT_GRACE_S)
+            for waiter in self.exec_exits.values():
+                if not waiter.done():
+                    waiter.set_result(KILLED_STATUS)
+        await self.teardown()
+        if self.state.status != Status.STOPPED:  # deleted before it ran: killed, as runc's delete does
+            self.state.status = Status.STOPPED
+            self.exited.set()
+        self.state.vm, self.state.share_mount, self.state.share_mount_id = {}, "", 0  # nothing left to stop
+        self.store.save(self.state)
+        self.done.set()
+
+    def exit_status(self) -> int:
+        """The shim's own exit status: its container process's."""
+        return KILLED_STATUS if self.state.exit_status is None else self.state.exit_status
 
     async def teardown(self) -> None:
-        """Stops the VM, removes the rootfs bind mount and the VM's run directory."""
+        """Stops the VM, removes the rootfs bind mount and the VM's run directory (once; callers
+        that come later wait for the first)."""
+        if self._teardown is None:
+            self._teardown = asyncio.ensure_future(self._teardown_once())
+        await asyncio.shield(self._teardown)
+
+    async def _teardown_once(self) -> None:
         self.stopping = True
         sharedfs.unbind(self.state.share_mount, self.state.share_mount_id)
         if self.vm is not None:
@@ -296,6 +405,8 @@ class Shim:
         listening()
         self._spawn(self.relay_events(), "relay", critical=True)
         self._spawn(self._accept(server), "accept", critical=True)
+        if self.stdin_fd is not None:
+            self._spawn(stdin_relay.relay(self.vm.agent, self.id, self.stdin_fd), "stdin")
         loop = asyncio.get_running_loop()
         # A shim told to stop by a signal still cleans up (delete --force is the other way).
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -304,6 +415,10 @@ class Shim:
             await self.done.wait()
         finally:
             server.close()
+            # Exit statuses just answered are still on their way to the commands waiting for them.
+            replies = [t for t in self.tasks if t.get_name().startswith("request")]
+            if replies:
+                await asyncio.wait(replies, timeout=REPLY_FLUSH_S)
             tasks = list(self.tasks)
             for task in tasks:
                 task.cancel()
@@ -320,6 +435,7 @@ class Shim:
         """A task the shim owns: kept until done, its failure logged; a critical one's failure
         (the relay, the accept loop) stops the container rather than leave it half-served."""
         task = asyncio.ensure_future(coro)
+        task.set_name(name)
         self.tasks.add(task)
 
         def finished(task: asyncio.Task) -> None:
@@ -335,8 +451,8 @@ class Shim:
         return task
 
     async def _stop_by_signal(self) -> None:
-        await self.teardown()
-        self.done.set()
+        self.state.reason = self.state.reason or "its shim was told to stop"
+        await asyncio.shield(self.finish())
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -350,10 +466,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 async def run_shim(store: StateStore, config: RuntimeConfig, container_id: str, bundle: str, status_fd: int,
-                   lock_fd: int = -1) -> int:
-    """Creates the container and serves it. `lock_fd`, the container's lock shared with the create
-    command, is held until create has succeeded or cleaned up, so a delete waits for that."""
-    shim = Shim(store, config, container_id, bundle)
+                   lock_fd: int = -1, console_socket: str = "") -> int:
+    """Creates the container and serves it until it has stopped; returns its exit status. `lock_fd`,
+    the container's lock shared with the create command, is held until create has succeeded or
+    cleaned up, so a delete waits for that."""
+    shim = Shim(store, config, container_id, bundle, console_socket=console_socket)
 
     def report(message: dict[str, Any]) -> None:
         _report(status_fd, message)
@@ -368,8 +485,8 @@ async def run_shim(store: StateStore, config: RuntimeConfig, container_id: str, 
             await shim.teardown()
             report({"error": str(err)})
             return 1
-    await shim.serve(listening=lambda: report({"ok": True, "pid": shim.state.pid}))
-    return 0
+    await shim.serve(listening=lambda: report({"ok": True, "pid": os.getpid()}))
+    return shim.exit_status()
 
 
 def _report(fd: int, message: dict[str, Any]) -> None:

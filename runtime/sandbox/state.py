@@ -36,7 +36,14 @@ class Status(enum.StrEnum):
     CREATING = "creating"
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPED = "stopped"
+
+
+# The runtime-spec version `state` reports, as runc does.
+OCI_STATE_VERSION = "1.0.2"
+# Where `state` keeps the container process's pid in the guest; its "pid" is the host's.
+GUEST_PID_ANNOTATION = "io.katacontainers.pid.guest"
 
 
 @dataclasses.dataclass
@@ -44,7 +51,7 @@ class ContainerState:
     id: str
     bundle: str
     status: Status
-    pid: int = 0  # the container process's pid in the guest
+    guest_pid: int = 0  # the container process's pid in the guest
     created: str = ""
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
     shim_pid: int = 0
@@ -56,10 +63,24 @@ class ContainerState:
     share_mount_id: int = 0  # its mount ID when the shim mounted it: teardown unmounts only that
     guest_rootfs: str = ""  # the rootfs as the guest sees it, below the VM's share
     reason: str = ""  # why a container stopped other than by its process exiting (its VM died)
+    rootfs: str = ""  # absolute host path of the bundle's root.path
+
+    @property
+    def pid(self) -> int:
+        """The container's host pid, as runc's state has it: the shim's while the container is
+        there to signal, 0 once it has stopped."""
+        return self.shim_pid if self.status in (Status.CREATED, Status.RUNNING, Status.PAUSED) else 0
 
     def oci(self) -> dict[str, Any]:
-        state = {"ociVersion": "1.0.2", "id": self.id, "status": self.status, "pid": self.pid,
-                 "bundle": self.bundle, "annotations": self.annotations}
+        """runc's `state` output (with `reason` when the container stopped other than by exiting)."""
+        annotations = dict(self.annotations)
+        if self.guest_pid:
+            annotations[GUEST_PID_ANNOTATION] = str(self.guest_pid)
+        state: dict[str, Any] = {
+            "ociVersion": OCI_STATE_VERSION, "id": self.id, "pid": self.pid, "status": self.status,
+            "bundle": self.bundle, "rootfs": self.rootfs, "created": self.created, "owner": ""}
+        if annotations:
+            state["annotations"] = annotations
         if self.reason:
             state["reason"] = self.reason
         return state
@@ -114,7 +135,10 @@ class StateStore:
     def load(self, container_id: str) -> ContainerState:
         path = self.dir(container_id) / "state.json"
         try:
-            state = ContainerState(**json.loads(path.read_text()))
+            recorded = json.loads(path.read_text())
+            # Fields of another version of this runtime are left out, not an unreadable state.
+            known = {f.name for f in dataclasses.fields(ContainerState)}
+            state = ContainerState(**{k: v for k, v in recorded.items() if k in known})
             state.status = Status(state.status)
             return state
         except FileNotFoundError:
@@ -122,7 +146,7 @@ class StateStore:
                 # Reserved by a create that has not written state yet (or died).
                 return ContainerState(id=container_id, bundle="", status=Status.CREATING)
             raise ContainerError(f"container {container_id!r} does not exist") from None
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, AttributeError) as err:
             raise ContainerError(f"state of container {container_id!r} is unreadable ({path}): {err}") from err
 
     def ids(self) -> list[str]:
@@ -134,5 +158,8 @@ class StateStore:
         shutil.rmtree(self.dir(container_id), ignore_errors=True)
 
 
-def now_rfc3339() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def now_rfc3339(ns: int | None = None) -> str:
+    """RFC 3339 in UTC with nanoseconds, as runc's `state` writes `created`."""
+    ns = time.time_ns() if ns is None else ns
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
