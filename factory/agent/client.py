@@ -235,7 +235,8 @@ class AgentClient:
             readonly_paths=readonly_paths, masked_paths=masked_paths,
             rlimits=[agent_pb2.Rlimit(type=kind, soft=soft, hard=hard) for kind, soft, hard in rlimits],
             mounts=[agent_pb2.Mount(type=m["type"], source=m.get("source", ""), destination=m["destination"],
-                                    options=m.get("options", [])) for m in mounts])
+                                    options=m.get("options", []), shared=bool(m.get("shared")))
+                    for m in mounts])
         if capabilities is not None:
             request.capabilities.SetInParent()
             for field in ("bounding", "effective", "permitted", "inheritable", "ambient"):

@@ -75,6 +75,8 @@ MOUNT_FLAGS: Dict[str, Tuple[int, int]] = {
 # Every container mount is private to the container: propagation options change nothing.
 PROPAGATION_OPTIONS = {"private", "rprivate", "slave", "rslave", "shared", "rshared", "unbindable", "runbindable"}
 MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "bind")
+# vmf-contain's name for a bind whose source is in the guest's root (Mount.shared), not the rootfs.
+SHARED_BIND = "sharedbind"
 
 
 def capability_mask(names: Sequence[str], field: str) -> int:
@@ -140,13 +142,16 @@ def _mount_args(request_mounts: Sequence[agent_pb2.Mount]) -> List[str]:
         _check_container_path("mount destination", mount.destination)
         flags, data = mount_flags(mount.options)
         source = mount.source or mount.type
+        kind = mount.type
         if mount.type == "bind":
             _check_container_path(f"mount {mount.destination}: bind source (a path inside the rootfs)", mount.source)
+            if mount.shared:
+                kind = SHARED_BIND  # the source is a guest path, taken before pivot_root
         else:
             flags &= ~(MS_BIND | MS_REC)
         if mount.type == "sysfs":
             flags |= MS_RDONLY  # a writable sysfs reaches the guest kernel (uevent_helper, ...)
-        args += ["--mount", mount.type, source, mount.destination, str(flags), data]
+        args += ["--mount", kind, source, mount.destination, str(flags), data]
     return args
 
 

@@ -60,7 +60,27 @@ enum mode { MODE_GUEST_ROOT, MODE_NEW, MODE_JOIN };
 struct mount_spec {
     const char *type, *source, *dest, *data;
     unsigned long flags;
+    int tree_fd; /* "sharedbind": the source, detached by open_tree() before pivot_root */
 };
+
+/* <linux/mount.h>, Linux 5.2: new mount API, for binds whose source is outside the rootfs. */
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
+/* A bind whose source is a guest path (the host's share), not a path inside the rootfs. */
+#define SHARED_BIND "sharedbind"
 
 struct rlimit_spec {
     int resource;
@@ -312,10 +332,24 @@ static void setup_dev(void) {
     remount_bind("/dev", MS_RDONLY | MS_NOSUID);
 }
 
+/* Before pivot_root: each shared bind's source as a detached copy of its mount, which stays
+ * reachable through the fd after the guest's root is gone (a path there would not be). */
+static void take_shared_sources(void) {
+    for (int i = 0; i < cfg.n_mounts; i++) {
+        struct mount_spec *m = &cfg.mounts[i];
+        if (strcmp(m->type, SHARED_BIND)) continue;
+        unsigned recursive = m->flags & MS_REC ? AT_RECURSIVE : 0;
+        m->tree_fd = syscall(SYS_open_tree, AT_FDCWD, m->source, OPEN_TREE_CLONE | O_CLOEXEC | recursive);
+        if (m->tree_fd < 0) fail(errno, "open_tree %s (bind source of %s)", m->source, m->dest);
+    }
+}
+
 static void apply_oci_mount(const struct mount_spec *m) {
-    int bind = !strcmp(m->type, "bind");
+    int shared = !strcmp(m->type, SHARED_BIND);
+    int bind = shared || !strcmp(m->type, "bind");
     struct stat st;
-    if (bind && stat(m->source, &st) == 0 && !S_ISDIR(st.st_mode)) {
+    int stat_ok = shared ? fstat(m->tree_fd, &st) == 0 : stat(m->source, &st) == 0;
+    if (bind && stat_ok && !S_ISDIR(st.st_mode)) {
         /* A file bind: its target must be a file. */
         int fd = open(m->dest, O_CREAT | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
         if (fd < 0 && errno != EISDIR) fail(errno, "create mount target %s", m->dest);
@@ -323,7 +357,13 @@ static void apply_oci_mount(const struct mount_spec *m) {
     } else {
         mkdirs(m->dest, 0755);
     }
-    if (bind) {
+    if (shared) {
+        /* dest resolves inside the rootfs (we are pivoted into it) like every other target. */
+        if (syscall(SYS_move_mount, m->tree_fd, "", AT_FDCWD, m->dest, MOVE_MOUNT_F_EMPTY_PATH))
+            fail(errno, "move_mount %s onto %s", m->source, m->dest);
+        close(m->tree_fd);
+        remount_bind(m->dest, (m->flags & ~(MS_BIND | MS_REC)) | MS_NODEV);
+    } else if (bind) {
         /* source is a path inside the rootfs: we are already pivoted into it, so it cannot
          * name anything outside. */
         do_mount(m->source, m->dest, NULL, MS_BIND | (m->flags & MS_REC), NULL);
@@ -337,6 +377,7 @@ static void setup_mounts(void) {
     /* Nothing done here may reach the guest's own mounts. */
     do_mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
     do_mount(cfg.rootfs, cfg.rootfs, NULL, MS_BIND | MS_REC, NULL);
+    take_shared_sources();
     int oldroot = open("/", O_DIRECTORY | O_RDONLY | O_CLOEXEC);
     if (oldroot < 0) fail(errno, "open /");
     if (chdir(cfg.rootfs)) fail(errno, "chdir %s", cfg.rootfs);

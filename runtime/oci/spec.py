@@ -280,7 +280,7 @@ def _host_bind(source: str, destination: str, options: list[str], name: str) -> 
     raise SpecError(f"{name} {destination}: bind source {source} is {what}; remove the mount")
 
 
-def _readonly(options: list[str]) -> bool:
+def mount_readonly(options: list[str]) -> bool:
     """The last of ro/rw wins, as mount(8) reads options."""
     flags = [o for o in options if o in ("ro", "rw")]
     return bool(flags) and flags[-1] == "ro"

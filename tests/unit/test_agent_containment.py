@@ -78,6 +78,14 @@ def test_mounts_are_passed_in_order_and_sysfs_is_always_read_only():
     assert got[2][:4] == ["sysfs", "sysfs", "/sys2", str(containment.MS_RDONLY)]
 
 
+def test_a_shared_bind_is_taken_from_the_guest_not_the_rootfs():
+    mount = agent_pb2.Mount(type="bind", source="/run/kata-containers/shared/c1/mounts/7", destination="/etc/hosts",
+                            options=["rbind", "ro"], shared=True)
+    assert _option(_args(mounts=[mount]), "--mount", 5) == [[
+        containment.SHARED_BIND, "/run/kata-containers/shared/c1/mounts/7", "/etc/hosts",
+        str(containment.MS_BIND | containment.MS_REC | containment.MS_RDONLY), ""]]
+
+
 @pytest.mark.parametrize("mount,message", [
     (agent_pb2.Mount(type="cgroup", destination="/sys/fs/cgroup"), "type 'cgroup' is not supported"),
     (agent_pb2.Mount(type="tmpfs", destination="relative"), "mount destination 'relative' is not an absolute path"),
