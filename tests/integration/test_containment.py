@@ -388,3 +388,26 @@ def test_host_files_and_directories_and_hooks_as_engines_use_them(run_root):
     assert Path(run_root, "create.hookns").read_text().strip() == host_ns  # hooks run where runc's run
     assert Path(run_root, "create.shimns").read_text().strip() != host_ns  # the shim has its own
     assert json.loads(Path(run_root, "stop.json").read_text())["status"] == "stopped"
+
+
+def test_a_failing_create_hook_fails_create_cleans_up_and_runs_poststop(run_root):
+    """As runc: a createRuntime hook's failure is create's error (its output named); the container
+    is gone and its poststop hooks ran (runc's destroy)."""
+    failing = Path(run_root, "hook-fail")
+    failing.write_text("#!/bin/sh\necho 'CNI says no' >&2\nexit 7\n")
+    failing.chmod(0o755)
+    stop = Path(run_root, "hook-stop")
+    stop.write_text(f"#!/bin/sh\ncat > {run_root}/stop.json\n")
+    stop.chmod(0o755)
+    bundle = make_bundle(os.path.join(run_root, "b"), ["true"], hooks={
+        "createRuntime": [{"path": str(failing), "args": ["cni-hook", "add"]}], "poststop": [{"path": str(stop)}]})
+    config = write_config(run_root, False, 0)
+    state = os.path.join(run_root, "state")
+    done = subprocess.run([RUNTIME, "--root", state, "--config", config, "create", "c1", "--bundle", bundle],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "createRuntime hook cni-hook add exited with status 7: CNI says no" in done.stderr
+    assert json.loads(Path(run_root, "stop.json").read_text())["status"] == "stopped"
+    assert not os.path.exists(os.path.join(state, "c1"))
+    vm_root = Path(run_root, "vm")
+    assert not vm_root.exists() or not any(vm_root.iterdir())  # the hook failed before any VM was taken
