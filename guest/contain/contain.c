@@ -100,6 +100,8 @@ static struct {
     int n_ro_paths;
     const char *masked_paths[MAX_LIST];
     int n_masked_paths;
+    const char *sysctl_paths[MAX_LIST], *sysctl_values[MAX_LIST]; /* /proc/sys/..., value */
+    int n_sysctls;
     struct rlimit_spec rlimits[MAX_LIST];
     int n_rlimits;
     int set_ids;
@@ -173,6 +175,12 @@ static void parse(int argc, char **argv) {
             m->flags = number(argv[++i], 10); m->data = argv[++i];
         }
         else if (!strcmp(a, "--ro-path")) { NEED(1); if (cfg.n_ro_paths == MAX_LIST) usage(a); cfg.ro_paths[cfg.n_ro_paths++] = argv[++i]; }
+        else if (!strcmp(a, "--sysctl")) {
+            NEED(2);
+            if (cfg.n_sysctls == MAX_LIST) usage(a);
+            cfg.sysctl_paths[cfg.n_sysctls] = argv[++i];
+            cfg.sysctl_values[cfg.n_sysctls++] = argv[++i];
+        }
         else if (!strcmp(a, "--mask-path")) { NEED(1); if (cfg.n_masked_paths == MAX_LIST) usage(a); cfg.masked_paths[cfg.n_masked_paths++] = argv[++i]; }
         else if (!strcmp(a, "--rlimit")) {
             NEED(3);
@@ -392,6 +400,15 @@ static void setup_mounts(void) {
 
     mkdirs("/proc", 0555);
     do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    /* Sysctls, before /proc/sys turns read-only below: the agent let through only those in the
+     * container's own IPC/UTS namespaces or its VM's network namespace. */
+    for (int i = 0; i < cfg.n_sysctls; i++) {
+        int fd = open(cfg.sysctl_paths[i], O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) fail(errno, "sysctl %s", cfg.sysctl_paths[i]);
+        size_t len = strlen(cfg.sysctl_values[i]);
+        if (write(fd, cfg.sysctl_values[i], len) != (ssize_t)len) fail(errno, "sysctl %s = %s", cfg.sysctl_paths[i], cfg.sysctl_values[i]);
+        close(fd);
+    }
     mkdirs("/dev", 0755);
     setup_dev();
     mkdirs("/sys", 0555);

@@ -116,23 +116,21 @@ def unsupported_fields(raw: dict[str, Any], where: str, policy: SpecPolicy = Spe
                             "or set disable_guest_seccomp = true")
         warnings.append(f"{where}: linux.seccomp is ignored ([runtime] disable_guest_seccomp = true: the profile is "
                         "not applied in the guest; the VM is the isolation boundary)")
-    return warnings + _sysctls(_field(raw, "linux.sysctl"), where)
+    return warnings
 
 
-def _sysctls(raw: Any, where: str) -> list[str]:
-    """Warnings for namespaced sysctls (not applied yet); SpecError for the others, as runc."""
+def _sysctls(raw: Any, where: str) -> dict[str, str]:
+    """The namespaced sysctls, for the guest to set in the container; SpecError for the others, as
+    runc (guest/agent/containment.py checks the same list)."""
     if raw in (None, {}):
-        return []
+        return {}
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
         raise SpecError(f"{where}: linux.sysctl must be an object of name: value strings, got {raw!r}")
-    warnings = []
-    for name, value in raw.items():
+    for name in raw:
         if name not in NAMESPACED_SYSCTLS and not name.startswith(NAMESPACED_SYSCTL_PREFIXES):
             raise SpecError(f"{where}: linux.sysctl {name} is not in a namespace of the container (it would change "
                             "the kernel for every process, the guest agent's too); remove it")
-        warnings.append(f"{where}: linux.sysctl {name}={value} is ignored (not applied in the guest; the guest "
-                        "kernel keeps its default)")
-    return warnings
+    return dict(raw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +174,8 @@ class BundleSpec:
     # The shim's network namespace: None: none asked (the shim stays where it is), "": a new
     # one, else the path of one to join (CRI: the pod's).
     network_namespace: str | None = None
+    # linux.sysctl, namespaced ones only: set by the guest in the container.
+    sysctls: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def host_mounts(self) -> list[dict[str, Any]]:
         return [m for m in self.mounts if m.get("host")]
@@ -442,7 +442,7 @@ def load_bundle(bundle: str, policy: SpecPolicy = SpecPolicy()) -> BundleSpec:
                       mounts=mounts, readonly_paths=_paths(linux, "readonlyPaths", where),
                       masked_paths=_paths(linux, "maskedPaths", where),
                       warnings=warnings + mount_warnings + [f"{where}: {w}" for w in hook_warnings],
-                      hooks=hooks, network_namespace=network)
+                      hooks=hooks, network_namespace=network, sysctls=_sysctls(linux.get("sysctl"), where))
 
 
 def find_executable(rootfs: str, process: ProcessSpec) -> str:

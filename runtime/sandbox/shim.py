@@ -148,7 +148,7 @@ class Shim:
             rootfs=self.state.guest_rootfs, rootfs_readonly=readonly, hostname=hostname,
             container_exec_id="" if exec_id == self.id else self.id, capabilities=limits.capabilities,
             rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=self.guest_mounts,
-            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, ctx=ctx)
+            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, sysctls=spec.sysctls, ctx=ctx)
 
     # ---- serving ------------------------------------------------------------
 

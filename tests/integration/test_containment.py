@@ -341,7 +341,8 @@ readlink /proc/$pid/ns/net > {out}.shimns
 
 
 def test_host_files_and_directories_and_hooks_as_engines_use_them(run_root):
-    """Docker/nerdctl/CRI-style config.json: a resolv.conf-style read-only file (copied), a writable
+    """Docker/nerdctl/CRI-style config.json: namespaced sysctls applied in the container, a
+    resolv.conf-style read-only file (copied), a writable
     file (bound: the container's write reaches it, as with runc), a read-only host directory the
     container can read and not write; a createRuntime hook that sees the shim's own network
     namespace, run from the host's, and a poststop hook."""
@@ -357,7 +358,8 @@ def test_host_files_and_directories_and_hooks_as_engines_use_them(run_root):
     script = ("echo resolv=$(cat /etc/resolv.conf); echo ro=$(cat /ro/in-ro); "
               "echo rowrite=$(touch /ro/x 2>&1 | grep -c Read-only); "
               "echo resolvwrite=$(sh -c 'echo x >> /etc/resolv.conf' 2>&1 | grep -c Read-only); "
-              "echo '10.1.1.1 added' >> /etc/hosts && echo hostswrite=ok")
+              "echo '10.1.1.1 added' >> /etc/hosts && echo hostswrite=ok; "
+              "echo port=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start); echo shm=$(cat /proc/sys/kernel/shmmax)")
     bundle = make_bundle(os.path.join(run_root, "b"), ["sh", "-c", script], mounts=[
         {"destination": "/etc/resolv.conf", "type": "bind", "source": os.path.join(host, "resolv.conf"),
          "options": ["rbind", "ro"]},
@@ -368,7 +370,8 @@ def test_host_files_and_directories_and_hooks_as_engines_use_them(run_root):
         hooks={"createRuntime": [{"path": os.path.join(run_root, "hook-create"), "timeout": 60}],
                "poststop": [{"path": os.path.join(run_root, "hook-stop")}]},
         linux={"resources": {}, "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}],
-               "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}})
+               "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"},
+               "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "12345"}})
     config = write_config(run_root, False, 0)
     state = os.path.join(run_root, "state")
     try:
@@ -378,7 +381,7 @@ def test_host_files_and_directories_and_hooks_as_engines_use_them(run_root):
         subprocess.run([RUNTIME, "--root", state, "--config", config, "delete", "--force", "c1"], capture_output=True)
     assert done.returncode == 0, done.stderr
     assert _fields(done.stdout) == {"resolv": "nameserver 10.9.8.7", "ro": "ro data", "rowrite": "1",
-                                    "resolvwrite": "1", "hostswrite": "ok"}
+                                    "resolvwrite": "1", "hostswrite": "ok", "port": "0", "shm": "12345"}
     assert "linux.seccomp is ignored" in done.stderr and "/dev/shm: the host's shared memory" in done.stderr
     assert Path(host, "hosts").read_text() == "127.0.0.1 localhost\n10.1.1.1 added\n"
     assert sorted(os.listdir(os.path.join(host, "ro"))) == ["in-ro"]

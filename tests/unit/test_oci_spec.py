@@ -149,15 +149,15 @@ def test_seccomp_is_ignored_with_a_warning_unless_the_configuration_asks_for_it(
         load_bundle(bundle, SpecPolicy(disable_guest_seccomp=False))
 
 
-def test_lsm_labels_namespaced_sysctls_and_device_rules_are_ignored(tmp_path):
+def test_lsm_labels_and_device_rules_are_ignored_and_namespaced_sysctls_kept(tmp_path):
     spec = load_bundle(_bundle(tmp_path, process__apparmorProfile="docker-default",
                                process__selinuxLabel="system_u:system_r:container_t:s0",
                                linux__sysctl={"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "1"},
                                linux__resources={"devices": [{"allow": False, "access": "rwm"}]}))
     assert any("process.apparmorProfile is ignored (AppArmor is not applied in the guest" in w for w in spec.warnings)
     assert any("process.selinuxLabel is ignored" in w for w in spec.warnings)
-    assert any("linux.sysctl net.ipv4.ip_unprivileged_port_start=0 is ignored" in w for w in spec.warnings)
-    assert any("linux.sysctl kernel.shmmax=1 is ignored" in w for w in spec.warnings)
+    assert not any("sysctl" in w for w in spec.warnings)  # namespaced: the guest sets them in the container
+    assert spec.sysctls == {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "1"}
     assert not any("devices" in w for w in spec.warnings)  # a VM has no host devices to allow or deny
 
 
@@ -209,13 +209,12 @@ def test_a_docker_config_is_accepted_with_its_warnings(tmp_path):
     assert [h.args[0] for h in spec.hooks["prestart"]] == ["libnetwork-setkey"]
     text = "\n".join(spec.warnings)
     for expected in ("linux.seccomp is ignored", "process.apparmorProfile is ignored",
-                     "linux.sysctl net.ipv4.ip_unprivileged_port_start=0 is ignored",
-                     "linux.sysctl net.ipv4.ping_group_range=0 2147483647 is ignored",
                      "linux.cgroupsPath is ignored", "/sys/fs/cgroup: cgroup mounts are not supported",
                      f"/dev/shm: the host's shared memory directory {host}/containers/3f4e0c9c2d6a/mounts/shm is not "
                      "shared"):
         assert expected in text
-    assert len(spec.warnings) == 8, spec.warnings  # those, and process.oomScoreAdj
+    assert len(spec.warnings) == 6, spec.warnings  # those, and process.oomScoreAdj
+    assert spec.sysctls == {"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647"}
 
 
 def test_a_nerdctl_config_with_its_hooks_is_accepted(tmp_path):
