@@ -95,3 +95,37 @@ def test_the_shim_gets_a_new_network_namespace_and_hooks_run_in_the_hosts(tmp_pa
     assert json.loads(state) | {"pid": 0} == {"ociVersion": "1.0.2", "id": "c1", "status": "creating", "pid": 0,
                                               "bundle": str(tmp_path / "b"), "annotations": {}}
     assert json.loads(state)["pid"] == pid
+
+
+def test_a_shim_joins_the_network_namespace_config_json_names(tmp_path):
+    """CRI: an app container's shim joins /proc/<pause shim pid>/ns/net."""
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pause = os.fork()
+    if pause == 0:  # the pause container's shim: a namespace of its own, held while it lives
+        os.close(ready_r)
+        os.close(stop_w)
+        netns.enter("")
+        os.write(ready_w, netns.current_id().encode())
+        os.read(stop_r, 1)
+        os._exit(0)
+    os.close(ready_w)
+    os.close(stop_r)
+    try:
+        pause_ns = os.read(ready_r, 100).decode()
+        spec = _spec(tmp_path, namespaces=[{"type": "network", "path": f"/proc/{pause}/ns/net"}])
+        app = os.fork()
+        if app == 0:
+            ok = False
+            try:
+                hostside.HostSide(spec, "app").enter_network_namespace()
+                ok = netns.current_id() == pause_ns
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(app, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert netns.current_id() != pause_ns  # the test process never moved
+    finally:
+        os.close(stop_w)
+        os.waitpid(pause, 0)
+        os.close(ready_r)
