@@ -4,7 +4,8 @@ Only the parts a VM sandbox uses are read; everything is validated up front so
 that create fails with one line naming the problem, before any VM exists. What
 the guest cannot honour is refused by name (or, where ignoring it changes no
 guarantee a container relies on, listed in BundleSpec.warnings by name): never
-silently dropped.
+silently dropped. What engines (Docker, nerdctl, CRI) put in every config.json, and what
+happens to each field: docs/oci-policy.md.
 """
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ class BundleSpec:
     memory_mib: int  # 0: not asked
     # OCI mounts for the guest to make, in order: bind sources are paths inside the rootfs, except
     # entries with "host": True, whose source is a host path the shim shares with the VM first
-    # (runtime/sandbox/hostmounts.py) and replaces by the guest's path.
+    # (runtime/sandbox/hostside.py) and replaces by the guest's path.
     mounts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     readonly_paths: list[str] = dataclasses.field(default_factory=list)
     masked_paths: list[str] = dataclasses.field(default_factory=list)

@@ -297,6 +297,13 @@ class Shim:
         self.stopping = True
         sharedfs.unbind(self.state.share_mount, self.state.share_mount_id)
         hostside.unbind_all(self.state.host_mounts)  # ENGINE WIRING (teardown 1/2)
+        # Gone: a later cleanup from the saved state must not unmount by IDs the kernel may since
+        # have given to someone else's mounts (it would refuse, but warn).
+        self.state.share_mount_id, self.state.host_mounts = 0, []
+        try:
+            self.store.save(self.state)
+        except OSError as err:  # the state directory went first (delete --force): nothing to keep
+            log.info("state not saved after unmounting: %s", err)
         if self.vm is not None:
             await self.vm.stop()
         if self.host is not None:  # ENGINE WIRING (teardown 2/2): poststop, as runc's destroy
