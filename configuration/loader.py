@@ -38,7 +38,8 @@ _HYPERVISOR_KEYS = {
 _AGENT_KEYS = {"dial_timeout": (float, "dial_timeout_s"), "debug": (bool, "debug"), "enable_tracing": (bool, "trace")}
 _FACTORY_KEYS = {"enable_template": bool, "template_path": str, "vm_cache_number": int, "vm_cache_endpoint": str,
                  "template_persist_path": str, "vm_cache_metrics_address": str, "vm_cache_client_uids": list}
-_RUNTIME_KEYS = {"vm_run_root": str, "enable_tracing": bool, "tracing_exporter": str, "otlp_endpoint": str}
+_RUNTIME_KEYS = {"vm_run_root": str, "enable_tracing": bool, "tracing_exporter": str, "otlp_endpoint": str,
+                 "disable_guest_seccomp": bool}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,9 @@ class RuntimeConfig:
     vm_cache_metrics_address: str = ""  # "host:port" of the Prometheus endpoint; "": off
     # Users besides root and the server's own whose processes may take VMs (SO_PEERCRED).
     vm_cache_client_uids: tuple[int, ...] = ()
+    # Upstream's key and default: config.json's seccomp profile is ignored (with a warning), not
+    # applied in the guest; false refuses such a config (the guest cannot apply it).
+    disable_guest_seccomp: bool = True
 
     def factory_config(self, mode: Mode | None = None) -> FactoryConfig:
         """The factory this configuration asks for; `mode` overrides its choice (the VMCache server
@@ -190,6 +194,7 @@ def parse(text: str, where: str = EMBEDDED) -> RuntimeConfig:
         template_persist_path=factory.get("template_persist_path", ""),
         vm_cache_metrics_address=factory.get("vm_cache_metrics_address", ""),
         vm_cache_client_uids=tuple(client_uids),
+        disable_guest_seccomp=runtime.get("disable_guest_seccomp", True),
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 from pathlib import PurePosixPath
 
 from factory.errors import FactoryError
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 # Where the guest mounts the VM's 9p share (tag SHARED_FS_TAG); container rootfs are below it.
 GUEST_SHARED_DIR = "/run/kata-containers/shared"
 __all__ = ["GUEST_SHARED_DIR", "SHARED_FS_TAG", "ShareError", "ShareMount", "bind_into_share", "bind_rootfs",
-           "unbind"]
+           "copy_into_share", "unbind"]
 
 
 class ShareError(FactoryError):
@@ -38,19 +40,46 @@ class ShareMount:
     guest_path: str  # the same directory as the guest sees it
 
 
-def bind_into_share(run: RunDir, relative: str, source: str, readonly: bool) -> ShareMount:
-    """Binds host directory `source` at `relative` below the VM's share, nosuid,nodev (what a guest
-    plants there is inert on the host). The mount point is made in the host-only view first."""
+def _check_relative(relative: str) -> None:
     parts = PurePosixPath(relative).parts
     if not parts or PurePosixPath(relative).is_absolute() or any(p in ("", ".", "..") for p in parts):
         raise ShareError(f"share path {relative!r} must be relative, without '.' or '..'")
+
+
+def bind_into_share(run: RunDir, relative: str, source: str, readonly: bool) -> ShareMount:
+    """Binds host directory or regular file `source` at `relative` below the VM's share,
+    nosuid,nodev (what a guest plants there is inert on the host). The mount point is made in the
+    host-only view first. `source` may be /proc/self/fd/N of a path the caller opened and checked."""
+    _check_relative(relative)
     target = str(run.shared_dir / relative)
     try:
-        (run.shared_writable_dir / relative).mkdir(mode=0o755, parents=True)
+        mount_point = run.shared_writable_dir / relative
+        if os.path.isdir(source):
+            mount_point.mkdir(mode=0o755, parents=True)
+        else:
+            mount_point.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.close(os.open(mount_point, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
         mount_id = mounts.bind_recorded(source, target, readonly=readonly, nosuid_nodev=True)
     except OSError as err:
         raise ShareError(f"cannot share {source} with the VM at {target}: {err}") from err
     return ShareMount(target, mount_id, f"{GUEST_SHARED_DIR}/{relative}")
+
+
+def copy_into_share(run: RunDir, relative: str, source_fd: int) -> str:
+    """Copies the regular file open at `source_fd` to `relative` in the host-only view of the
+    share; returns the guest's path of the copy, which the guest can read and never write (the
+    export is read-only)."""
+    _check_relative(relative)
+    target = run.shared_writable_dir / relative
+    try:
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(out, "wb") as dst, os.fdopen(os.dup(source_fd), "rb") as src:
+            src.seek(0)
+            shutil.copyfileobj(src, dst)
+    except OSError as err:
+        raise ShareError(f"cannot copy a file into the VM's share at {target}: {err}") from err
+    return f"{GUEST_SHARED_DIR}/{relative}"
 
 
 def bind_rootfs(run: RunDir, container_id: str, rootfs: str, readonly: bool) -> ShareMount:

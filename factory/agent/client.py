@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any, Sequence, cast
+from typing import Any, Mapping, Sequence, cast
 
 from opentelemetry.context import Context
 
@@ -219,6 +219,7 @@ class AgentClient:
                              rlimits: Sequence[tuple[str, int, int]] = (), no_new_privileges: bool = False,
                              mounts: Sequence[dict[str, Any]] = (), readonly_paths: Sequence[str] = (),
                              masked_paths: Sequence[str] = (), guest_root: bool = False,
+                             sysctls: Mapping[str, str] | None = None,
                              timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> int:
         """Creates the process in the guest, contained and waiting for start_process; returns its guest pid.
 
@@ -232,10 +233,11 @@ class AgentClient:
             exec_id=exec_id, args=args, env=env, cwd=cwd, uid=uid, gid=gid, additional_gids=additional_gids,
             rootfs=rootfs, rootfs_readonly=rootfs_readonly, hostname=hostname, open_stdin=open_stdin,
             container_exec_id=container_exec_id, no_new_privileges=no_new_privileges, guest_root=guest_root,
-            readonly_paths=readonly_paths, masked_paths=masked_paths,
+            readonly_paths=readonly_paths, masked_paths=masked_paths, sysctls=dict(sysctls or {}),
             rlimits=[agent_pb2.Rlimit(type=kind, soft=soft, hard=hard) for kind, soft, hard in rlimits],
             mounts=[agent_pb2.Mount(type=m["type"], source=m.get("source", ""), destination=m["destination"],
-                                    options=m.get("options", [])) for m in mounts])
+                                    options=m.get("options", []), shared=bool(m.get("shared")))
+                    for m in mounts])
         if capabilities is not None:
             request.capabilities.SetInParent()
             for field in ("bounding", "effective", "permitted", "inheritable", "ambient"):

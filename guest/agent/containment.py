@@ -8,7 +8,8 @@ what it cannot honour by name, before anything is spawned.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import re
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 from guest.agent.messages import RequestError
 from protocols.agent import agent_pb2
@@ -75,6 +76,17 @@ MOUNT_FLAGS: Dict[str, Tuple[int, int]] = {
 # Every container mount is private to the container: propagation options change nothing.
 PROPAGATION_OPTIONS = {"private", "rprivate", "slave", "rslave", "shared", "rshared", "unbindable", "runbindable"}
 MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "bind")
+# vmf-contain's name for a bind whose source is in the guest's root (Mount.shared), not the rootfs.
+SHARED_BIND = "sharedbind"
+# Sysctls a container may set (runc's list): those in a namespace of its own (IPC, UTS) or of its
+# VM (net.*). Any other would change the guest kernel for the agent too (kernel.modprobe,
+# kernel.core_pattern run programs as guest root). The host checks the same; this is the guest's wall.
+NAMESPACED_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
+                      "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced", "kernel.domainname",
+                      "kernel.hostname")
+NAMESPACED_SYSCTL_PREFIXES = ("net.", "fs.mqueue.")
+# A sysctl name is dotted words (interface names in net.ipv4.conf.<if>.* may hold '-' and '@').
+SYSCTL_NAME = re.compile(r"^[A-Za-z0-9_@-]+(\.[A-Za-z0-9_@-]+)+$")
 
 
 def capability_mask(names: Sequence[str], field: str) -> int:
@@ -140,13 +152,29 @@ def _mount_args(request_mounts: Sequence[agent_pb2.Mount]) -> List[str]:
         _check_container_path("mount destination", mount.destination)
         flags, data = mount_flags(mount.options)
         source = mount.source or mount.type
+        kind = mount.type
         if mount.type == "bind":
             _check_container_path(f"mount {mount.destination}: bind source (a path inside the rootfs)", mount.source)
+            if mount.shared:
+                kind = SHARED_BIND  # the source is a guest path, taken before pivot_root
         else:
             flags &= ~(MS_BIND | MS_REC)
         if mount.type == "sysfs":
             flags |= MS_RDONLY  # a writable sysfs reaches the guest kernel (uevent_helper, ...)
-        args += ["--mount", mount.type, source, mount.destination, str(flags), data]
+        args += ["--mount", kind, source, mount.destination, str(flags), data]
+    return args
+
+
+def _sysctl_args(sysctls: Mapping[str, str]) -> List[str]:
+    args: List[str] = []
+    for name, value in sorted(sysctls.items()):
+        if not SYSCTL_NAME.match(name) or (
+                name not in NAMESPACED_SYSCTLS and not name.startswith(NAMESPACED_SYSCTL_PREFIXES)):
+            raise RequestError(f"sysctl {name!r} is not one a container may set (net.*, fs.mqueue.*, the IPC and "
+                               "UTS kernel.* ones)")
+        if "\0" in value or "\n" in value:
+            raise RequestError(f"sysctl {name}: value {value!r} holds a NUL or newline")
+        args += ["--sysctl", "/proc/sys/" + name.replace(".", "/"), value]
     return args
 
 
@@ -168,6 +196,7 @@ def helper_args(contain_path: str, request: agent_pb2.CreateProcessRequest, exec
         if request.rootfs_readonly:
             args.append("--readonly")
         args += _mount_args(request.mounts)
+        args += _sysctl_args(request.sysctls)
         for path in (*DEFAULT_READONLY_PATHS, *request.readonly_paths):
             _check_container_path("readonly path", path)
             args += ["--ro-path", path]

@@ -60,7 +60,27 @@ enum mode { MODE_GUEST_ROOT, MODE_NEW, MODE_JOIN };
 struct mount_spec {
     const char *type, *source, *dest, *data;
     unsigned long flags;
+    int tree_fd; /* "sharedbind": the source, detached by open_tree() before pivot_root */
 };
+
+/* <linux/mount.h>, Linux 5.2: new mount API, for binds whose source is outside the rootfs. */
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
+/* A bind whose source is a guest path (the host's share), not a path inside the rootfs. */
+#define SHARED_BIND "sharedbind"
 
 struct rlimit_spec {
     int resource;
@@ -80,6 +100,8 @@ static struct {
     int n_ro_paths;
     const char *masked_paths[MAX_LIST];
     int n_masked_paths;
+    const char *sysctl_paths[MAX_LIST], *sysctl_values[MAX_LIST]; /* /proc/sys/..., value */
+    int n_sysctls;
     struct rlimit_spec rlimits[MAX_LIST];
     int n_rlimits;
     int set_ids;
@@ -153,6 +175,12 @@ static void parse(int argc, char **argv) {
             m->flags = number(argv[++i], 10); m->data = argv[++i];
         }
         else if (!strcmp(a, "--ro-path")) { NEED(1); if (cfg.n_ro_paths == MAX_LIST) usage(a); cfg.ro_paths[cfg.n_ro_paths++] = argv[++i]; }
+        else if (!strcmp(a, "--sysctl")) {
+            NEED(2);
+            if (cfg.n_sysctls == MAX_LIST) usage(a);
+            cfg.sysctl_paths[cfg.n_sysctls] = argv[++i];
+            cfg.sysctl_values[cfg.n_sysctls++] = argv[++i];
+        }
         else if (!strcmp(a, "--mask-path")) { NEED(1); if (cfg.n_masked_paths == MAX_LIST) usage(a); cfg.masked_paths[cfg.n_masked_paths++] = argv[++i]; }
         else if (!strcmp(a, "--rlimit")) {
             NEED(3);
@@ -312,10 +340,24 @@ static void setup_dev(void) {
     remount_bind("/dev", MS_RDONLY | MS_NOSUID);
 }
 
+/* Before pivot_root: each shared bind's source as a detached copy of its mount, which stays
+ * reachable through the fd after the guest's root is gone (a path there would not be). */
+static void take_shared_sources(void) {
+    for (int i = 0; i < cfg.n_mounts; i++) {
+        struct mount_spec *m = &cfg.mounts[i];
+        if (strcmp(m->type, SHARED_BIND)) continue;
+        unsigned recursive = m->flags & MS_REC ? AT_RECURSIVE : 0;
+        m->tree_fd = syscall(SYS_open_tree, AT_FDCWD, m->source, OPEN_TREE_CLONE | O_CLOEXEC | recursive);
+        if (m->tree_fd < 0) fail(errno, "open_tree %s (bind source of %s)", m->source, m->dest);
+    }
+}
+
 static void apply_oci_mount(const struct mount_spec *m) {
-    int bind = !strcmp(m->type, "bind");
+    int shared = !strcmp(m->type, SHARED_BIND);
+    int bind = shared || !strcmp(m->type, "bind");
     struct stat st;
-    if (bind && stat(m->source, &st) == 0 && !S_ISDIR(st.st_mode)) {
+    int stat_ok = shared ? fstat(m->tree_fd, &st) == 0 : stat(m->source, &st) == 0;
+    if (bind && stat_ok && !S_ISDIR(st.st_mode)) {
         /* A file bind: its target must be a file. */
         int fd = open(m->dest, O_CREAT | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0644);
         if (fd < 0 && errno != EISDIR) fail(errno, "create mount target %s", m->dest);
@@ -323,7 +365,13 @@ static void apply_oci_mount(const struct mount_spec *m) {
     } else {
         mkdirs(m->dest, 0755);
     }
-    if (bind) {
+    if (shared) {
+        /* dest resolves inside the rootfs (we are pivoted into it) like every other target. */
+        if (syscall(SYS_move_mount, m->tree_fd, "", AT_FDCWD, m->dest, MOVE_MOUNT_F_EMPTY_PATH))
+            fail(errno, "move_mount %s onto %s", m->source, m->dest);
+        close(m->tree_fd);
+        remount_bind(m->dest, (m->flags & ~(MS_BIND | MS_REC)) | MS_NODEV);
+    } else if (bind) {
         /* source is a path inside the rootfs: we are already pivoted into it, so it cannot
          * name anything outside. */
         do_mount(m->source, m->dest, NULL, MS_BIND | (m->flags & MS_REC), NULL);
@@ -337,6 +385,7 @@ static void setup_mounts(void) {
     /* Nothing done here may reach the guest's own mounts. */
     do_mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
     do_mount(cfg.rootfs, cfg.rootfs, NULL, MS_BIND | MS_REC, NULL);
+    take_shared_sources();
     int oldroot = open("/", O_DIRECTORY | O_RDONLY | O_CLOEXEC);
     if (oldroot < 0) fail(errno, "open /");
     if (chdir(cfg.rootfs)) fail(errno, "chdir %s", cfg.rootfs);
@@ -351,6 +400,15 @@ static void setup_mounts(void) {
 
     mkdirs("/proc", 0555);
     do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    /* Sysctls, before /proc/sys turns read-only below: the agent let through only those in the
+     * container's own IPC/UTS namespaces or its VM's network namespace. */
+    for (int i = 0; i < cfg.n_sysctls; i++) {
+        int fd = open(cfg.sysctl_paths[i], O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) fail(errno, "sysctl %s", cfg.sysctl_paths[i]);
+        size_t len = strlen(cfg.sysctl_values[i]);
+        if (write(fd, cfg.sysctl_values[i], len) != (ssize_t)len) fail(errno, "sysctl %s = %s", cfg.sysctl_paths[i], cfg.sysctl_values[i]);
+        close(fd);
+    }
     mkdirs("/dev", 0755);
     setup_dev();
     mkdirs("/sys", 0555);

@@ -4,7 +4,8 @@ Only the parts a VM sandbox uses are read; everything is validated up front so
 that create fails with one line naming the problem, before any VM exists. What
 the guest cannot honour is refused by name (or, where ignoring it changes no
 guarantee a container relies on, listed in BundleSpec.warnings by name): never
-silently dropped.
+silently dropped. What engines (Docker, nerdctl, CRI) put in every config.json, and what
+happens to each field: docs/oci-policy.md.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import dataclasses
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import KataRuntimeError
+from runtime.oci.hooks import Hook, HookError, parse_hooks
 
 SUPPORTED_OCI_MAJOR = "1."
 OCI_VERSION = "1.0.2"
@@ -41,15 +44,19 @@ GUEST_DEFAULT_MOUNTS = {"/proc": "proc", "/dev": "tmpfs", "/dev/pts": "devpts", 
 GUEST_MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue")
 # Namespaces the guest makes for every container; "network" is the VM's own.
 CONTAINER_NAMESPACES = ("pid", "mount", "ipc", "uts", "network")
+# Sysctls that live in a namespace the container has (runc's list): net.* in its network
+# namespace (here the VM's own), the IPC ones in its IPC namespace. Any other changes the kernel
+# for every process, which runc refuses and so do we (in the guest: the agent's too).
+NAMESPACED_SYSCTLS = ("kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
+                      "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced", "kernel.domainname",
+                      "kernel.hostname")
+NAMESPACED_SYSCTL_PREFIXES = ("net.", "fs.mqueue.")
+# A host bind of the container's /dev/shm is the engine's shared-memory tmpfs: memory cannot be
+# shared with a VM through a file share, so the container keeps the guest's own /dev/shm.
+SHM_DESTINATION = "/dev/shm"
 # config.json fields the guest does not implement, refused when set (non-empty).
 REFUSED_FIELDS = {
-    "hooks": "hooks would run on the host",
-    "process.apparmorProfile": "AppArmor is not available in the guest",
-    "process.selinuxLabel": "SELinux is not available in the guest",
-    "linux.seccomp": "seccomp filters are not implemented in the guest",
-    "linux.devices": "device nodes beyond the default set are not implemented",
-    "linux.sysctl": "sysctls are not implemented in the guest",
-    "linux.mountLabel": "SELinux is not available in the guest",
+    "linux.devices": "device nodes beyond the default set are not implemented: a VM has no host devices",
     "linux.uidMappings": "user namespaces are not implemented",
     "linux.gidMappings": "user namespaces are not implemented",
     "linux.intelRdt": "Intel RDT is not available in the guest",
@@ -70,7 +77,21 @@ WARNED_FIELDS = {
     "linux.cgroupsPath": "the VM is the container's resource boundary",
     "linux.rootfsPropagation": "container mounts are always private",
     "domainname": "not applied in the guest",
+    # Docker, nerdctl and CRI set these on every container; the guest kernel runs no LSM policy.
+    # What they confine (the container's reach into its kernel) is held by the VM here.
+    "process.apparmorProfile": "AppArmor is not applied in the guest: the VM is the isolation boundary",
+    "process.selinuxLabel": "SELinux is not applied in the guest: the VM is the isolation boundary",
+    "linux.mountLabel": "SELinux is not applied in the guest: the VM is the isolation boundary",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecPolicy:
+    """What configuration.toml decides about config.json fields."""
+    # As upstream Kata's [runtime] disable_guest_seccomp (default true): a seccomp profile is
+    # ignored with a warning, since the VM is the isolation boundary; false refuses it, because
+    # the guest cannot apply it.
+    disable_guest_seccomp: bool = True
 
 
 def _field(raw: dict[str, Any], dotted: str) -> Any:
@@ -82,13 +103,35 @@ def _field(raw: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def unsupported_fields(raw: dict[str, Any], where: str) -> list[str]:
+def unsupported_fields(raw: dict[str, Any], where: str, policy: SpecPolicy = SpecPolicy()) -> list[str]:
     """Raises SpecError for the first refused field that is set; returns warnings for the rest."""
     for dotted, why in REFUSED_FIELDS.items():
         if _field(raw, dotted) not in (None, "", [], {}):
             raise SpecError(f"{where}: {dotted} is not supported ({why}); remove it from config.json")
-    return [f"{where}: {dotted} is ignored ({why})" for dotted, why in WARNED_FIELDS.items()
-            if _field(raw, dotted) not in (None, "", [], {})]
+    warnings = [f"{where}: {dotted} is ignored ({why})" for dotted, why in WARNED_FIELDS.items()
+                if _field(raw, dotted) not in (None, "", [], {})]
+    if _field(raw, "linux.seccomp") not in (None, {}):
+        if not policy.disable_guest_seccomp:
+            raise SpecError(f"{where}: linux.seccomp is not supported (seccomp filters are not implemented in the "
+                            "guest, and [runtime] disable_guest_seccomp = false asks for them); remove the profile "
+                            "or set disable_guest_seccomp = true")
+        warnings.append(f"{where}: linux.seccomp is ignored ([runtime] disable_guest_seccomp = true: the profile is "
+                        "not applied in the guest; the VM is the isolation boundary)")
+    return warnings
+
+
+def _sysctls(raw: Any, where: str) -> dict[str, str]:
+    """The namespaced sysctls, for the guest to set in the container; SpecError for the others, as
+    runc (guest/agent/containment.py checks the same list)."""
+    if raw in (None, {}):
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise SpecError(f"{where}: linux.sysctl must be an object of name: value strings, got {raw!r}")
+    for name in raw:
+        if name not in NAMESPACED_SYSCTLS and not name.startswith(NAMESPACED_SYSCTL_PREFIXES):
+            raise SpecError(f"{where}: linux.sysctl {name} is not in a namespace of the container (it would change "
+                            "the kernel for every process, the guest agent's too); remove it")
+    return dict(raw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +163,23 @@ class BundleSpec:
     annotations: dict[str, str]
     vcpus: int  # 0: not asked
     memory_mib: int  # 0: not asked
-    # OCI mounts for the guest to make: bind sources are paths inside the rootfs.
+    # OCI mounts for the guest to make, in order: bind sources are paths inside the rootfs, except
+    # entries with "host": True, whose source is a host path the shim shares with the VM first
+    # (runtime/sandbox/hostside.py) and replaces by the guest's path.
     mounts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     readonly_paths: list[str] = dataclasses.field(default_factory=list)
     masked_paths: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # Stage -> hooks to run on the host (runtime/oci/hooks.py), in order.
+    hooks: dict[str, list[Hook]] = dataclasses.field(default_factory=dict)
+    # The shim's network namespace: None: none asked (the shim stays where it is), "": a new
+    # one, else the path of one to join (CRI: the pod's).
+    network_namespace: str | None = None
+    # linux.sysctl, namespaced ones only: set by the guest in the container.
+    sysctls: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def host_mounts(self) -> list[dict[str, Any]]:
+        return [m for m in self.mounts if m.get("host")]
 
 
 def parse_process(raw: Any, where: str) -> ProcessSpec:
@@ -207,8 +262,34 @@ def _inside(rootfs: str, host_path: str) -> str | None:
     return None
 
 
+def _host_bind(source: str, destination: str, options: list[str], name: str) -> dict[str, Any]:
+    """A bind of a host path outside the rootfs, checked for what a VM can be given: a regular file
+    or a directory (symlinks resolved here, on the host, from the engine's path)."""
+    try:
+        mode = os.stat(source).st_mode
+    except OSError as err:
+        raise SpecError(f"{name} {destination}: bind source {source}: {err.strerror}") from None
+    if stat.S_ISSOCK(mode):
+        what = "a Unix socket, which a file share cannot connect to from a VM"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        what = "a device node, and a VM has no host devices"
+    elif stat.S_ISFIFO(mode):
+        what = "a FIFO, which a file share cannot pass to a VM"
+    else:
+        return {"type": "bind", "source": source, "destination": destination, "options": list(options),
+                "host": True}
+    raise SpecError(f"{name} {destination}: bind source {source} is {what}; remove the mount")
+
+
+def mount_readonly(options: list[str]) -> bool:
+    """The last of ro/rw wins, as mount(8) reads options."""
+    flags = [o for o in options if o in ("ro", "rw")]
+    return bool(flags) and flags[-1] == "ro"
+
+
 def _mounts(raw: Any, bundle: str, rootfs: str, where: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """(mounts for the guest, warnings). A bind of a host path outside the rootfs is refused."""
+    """(mounts for the guest, warnings). A bind of a host path outside the rootfs is marked "host"
+    for the shim to share with the VM."""
     if raw is None:
         return [], []
     if not isinstance(raw, list):
@@ -239,11 +320,14 @@ def _mounts(raw: Any, bundle: str, rootfs: str, where: str) -> tuple[list[dict[s
                 raise SpecError(f"{name} {destination}: a bind mount needs a source")
             host_source = source if os.path.isabs(source) else os.path.join(bundle, source)
             inside = _inside(rootfs, host_source)
-            if inside is None:
-                raise SpecError(f"{name} {destination}: bind source {host_source} is a host path outside the rootfs "
-                                f"{rootfs}; a VM sandbox does not share host paths: copy it into the rootfs or remove "
-                                "the mount")
-            mounts.append({"type": "bind", "source": inside, "destination": destination, "options": list(options)})
+            if inside is not None:
+                mounts.append({"type": "bind", "source": inside, "destination": destination,
+                               "options": list(options)})
+            elif destination == SHM_DESTINATION:
+                warnings.append(f"{name} {destination}: the host's shared memory directory {host_source} is not "
+                                "shared with the VM; the container gets the guest's own tmpfs")
+            else:
+                mounts.append(_host_bind(host_source, destination, list(options), name))
         elif kind in GUEST_MOUNT_TYPES:
             mounts.append({"type": kind, "source": str(mount.get("source") or kind), "destination": destination,
                            "options": list(options)})
@@ -260,25 +344,46 @@ def _paths(linux: dict[str, Any], key: str, where: str) -> list[str]:
     return list(paths)
 
 
-def _check_namespaces(linux: dict[str, Any], where: str) -> list[str]:
-    """Raises SpecError for namespaces the guest cannot give; warnings for those it skips."""
+def _check_namespaces(linux: dict[str, Any], where: str) -> tuple[str | None, list[str]]:
+    """(the shim's network namespace, see BundleSpec.network_namespace; warnings). Raises SpecError
+    for namespaces the guest cannot give.
+
+    The network namespace is the host's side of the container: engines configure it through the
+    pid they are given (the shim's), so the shim takes a new one or joins the one named; the VM's
+    guest has its own network either way. The other namespaces are made in the guest; a path to
+    share one (CRI: the pod's pause container) cannot be honoured, since each container is its own
+    VM here."""
     warnings = []
-    for namespace in linux.get("namespaces", []) or []:
+    network: str | None = None
+    namespaces = linux.get("namespaces", []) or []
+    if not isinstance(namespaces, list):
+        raise SpecError(f"{where}: linux.namespaces must be a list, got {namespaces!r}")
+    for namespace in namespaces:
         kind = namespace.get("type") if isinstance(namespace, dict) else None
-        if kind == "cgroup" and not namespace.get("path"):
+        path = namespace.get("path") or "" if isinstance(namespace, dict) else ""
+        if not isinstance(path, str) or (path and not os.path.isabs(path)):
+            raise SpecError(f"{where}: linux.namespaces {kind} path {path!r} must be an absolute path")
+        if kind == "cgroup":
             # runc's default spec asks for it; containers get no cgroup filesystem to see anyway.
             warnings.append(f"{where}: linux.namespaces type 'cgroup' is ignored (no cgroup filesystem in the guest)")
             continue
         if kind not in CONTAINER_NAMESPACES:
             raise SpecError(f"{where}: linux.namespaces type {kind!r} is not supported "
                             f"(the guest gives every container {', '.join(CONTAINER_NAMESPACES)})")
-        if namespace.get("path"):
-            raise SpecError(f"{where}: linux.namespaces {kind} path {namespace['path']!r}: joining a host namespace "
-                            "is not possible from a VM; remove the path")
-    return warnings
+        if kind == "network":
+            network = path
+        elif path:
+            warnings.append(f"{where}: linux.namespaces {kind} path {path} is ignored (each container is its own VM "
+                            f"here: it gets a {kind} namespace of its own in its guest)")
+    if namespaces and network is None:
+        warnings.append(f"{where}: linux.namespaces has no 'network' (host networking): the container still gets "
+                        "only its VM's network, never the host's")
+    return network, warnings
 
 
 def _resources(linux: dict[str, Any], where: str) -> tuple[int, int]:
+    """(vCPUs, MiB) asked. linux.resources.devices (cgroup device rules, on every engine's config)
+    is ignored without a warning: a VM has no host devices for the rules to open or close."""
     resources = linux.get("resources", {}) or {}
     cpu = resources.get("cpu", {}) or {}
     quota, period = cpu.get("quota"), cpu.get("period")
@@ -298,7 +403,7 @@ def _resources(linux: dict[str, Any], where: str) -> tuple[int, int]:
     return vcpus, memory
 
 
-def load_bundle(bundle: str) -> BundleSpec:
+def load_bundle(bundle: str, policy: SpecPolicy = SpecPolicy()) -> BundleSpec:
     bundle = os.path.abspath(bundle)
     where = os.path.join(bundle, "config.json")
     if not os.path.isdir(bundle):
@@ -325,13 +430,20 @@ def load_bundle(bundle: str) -> BundleSpec:
     if not isinstance(linux, dict):
         raise SpecError(f"{where}: linux must be an object")
     vcpus, memory = _resources(linux, where)
-    warnings = unsupported_fields(raw, where) + _check_namespaces(linux, where)
+    network, namespace_warnings = _check_namespaces(linux, where)
+    warnings = unsupported_fields(raw, where, policy) + namespace_warnings
     mounts, mount_warnings = _mounts(raw.get("mounts"), bundle, rootfs, where)
+    try:
+        hooks, hook_warnings = parse_hooks(raw.get("hooks"))
+    except HookError as err:
+        raise SpecError(f"{where}: {err}") from None
     annotations = raw.get("annotations", {}) or {}
     return BundleSpec(bundle, version, rootfs, bool(root.get("readonly", False)), str(raw.get("hostname", "")),
                       process, {str(k): str(v) for k, v in annotations.items()}, vcpus, memory,
                       mounts=mounts, readonly_paths=_paths(linux, "readonlyPaths", where),
-                      masked_paths=_paths(linux, "maskedPaths", where), warnings=warnings + mount_warnings)
+                      masked_paths=_paths(linux, "maskedPaths", where),
+                      warnings=warnings + mount_warnings + [f"{where}: {w}" for w in hook_warnings],
+                      hooks=hooks, network_namespace=network, sysctls=_sysctls(linux.get("sysctl"), where))
 
 
 def find_executable(rootfs: str, process: ProcessSpec) -> str:
@@ -386,7 +498,8 @@ def default_spec() -> dict[str, Any]:
         ],
         "linux": {
             "resources": {},
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"},
+                           {"type": "mount"}],
         },
         "annotations": {},
     }

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence, TextIO
 from hostos import files
 from hostos import process as host_process
 from runtime.oci.spec import SpecError, default_spec, find_executable, load_bundle, parse_process
-from runtime.sandbox import control, exec_client
+from runtime.sandbox import control, exec_client, hostside
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore, Status
 
 # A TCG boot takes seconds; a loaded CI machine several times that.
@@ -221,6 +221,7 @@ def _cleanup(store: StateStore, container_id: str) -> None:
         host_process.wait_gone(state.shim_pid, state.shim_start_time, 5)
     if state is not None:
         sharedfs.unbind(state.share_mount, state.share_mount_id)
+        hostside.unbind_all(state.host_mounts)
     if state is not None and state.vm:
         asyncio.run(stop_recorded(state.vm))
     elif state is not None and state.vm_run_root:

@@ -40,8 +40,8 @@ from factory.errors import AgentError
 from factory.ownership import OwnerKind
 from factory.vm import VM
 from hostos import process as host_process
-from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
-from runtime.sandbox import control, stdin_relay, vm_source
+from runtime.oci.spec import BundleSpec, ProcessSpec, SpecPolicy, load_bundle, parse_process
+from runtime.sandbox import control, hostside, stdin_relay, vm_source
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore, Status, now_rfc3339
 
 # ProcessOutput stream numbers (agent.proto).
@@ -99,6 +99,8 @@ class Shim:
         self.exec_holders: dict[str, int] = {}
         self._teardown: asyncio.Task | None = None
         self._finishing: asyncio.Task | None = None
+        self.host: hostside.HostSide | None = None  # netns, hooks, host mounts (engines' side)
+        self.guest_mounts: list[dict[str, Any]] = []  # the spec's mounts, host binds as shared
 
     # ---- create -------------------------------------------------------------
 
@@ -112,10 +114,16 @@ class Shim:
             phases[name] = round((now - started) * 1000, 1)
             started = now
 
-        spec = load_bundle(self.bundle)
+        spec = load_bundle(self.bundle, SpecPolicy(disable_guest_seccomp=self.config.disable_guest_seccomp))
         self.state.annotations = dict(spec.annotations)
         self.state.rootfs = spec.rootfs
         self.store.save(self.state)
+        # ENGINE WIRING (create, 1/2): the shim's network namespace, then the create-time hooks,
+        # before anything is shared (a hook may write the files the container binds).
+        self.host = hostside.HostSide(spec, self.id)
+        self.host.enter_network_namespace()
+        for stage in ("prestart", "createRuntime", "createContainer"):
+            await self.host.run_hooks(stage, "creating", fatal=True)
         # The VM is this shim's from its first moment: if the shim dies, gc reaps it.
         ownership.act_as(OwnerKind.CONTAINER, self.id)
         factory, path, warnings = await vm_source.open_factory(self.config, ctx)
@@ -134,6 +142,11 @@ class Shim:
         self.state.share_mount, self.state.share_mount_id = rootfs_share.mount_point, rootfs_share.mount_id
         self.state.guest_rootfs = rootfs_share.guest_path
         self.store.save(self.state)
+        # ENGINE WIRING (create, 2/2): host binds into the VM's share, each recorded as made.
+        try:
+            self.guest_mounts = self.host.share_mounts(self.vm.hypervisor.run, self.state.host_mounts)
+        finally:
+            self.store.save(self.state)
         pid = await self._create_process(self.id, spec.process, ctx, hostname=spec.hostname,
                                          readonly=spec.rootfs_readonly, open_stdin=self.stdin_fd is not None)
         phase("create_process")
@@ -157,8 +170,8 @@ class Shim:
             gid=process.gid, additional_gids=process.additional_gids,
             rootfs=self.state.guest_rootfs, rootfs_readonly=readonly, hostname=hostname, open_stdin=open_stdin,
             container_exec_id="" if exec_id == self.id else self.id, capabilities=limits.capabilities,
-            rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=spec.mounts,
-            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, ctx=ctx)
+            rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=self.guest_mounts,
+            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, sysctls=spec.sysctls, ctx=ctx)
 
     # ---- serving ------------------------------------------------------------
 
@@ -264,6 +277,8 @@ class Shim:
             await self.vm.agent.start_process(self.id)
             self.state.status = Status.RUNNING
             self.store.save(self.state)
+            if self.host is not None:  # ENGINE WIRING (start): poststart hooks, failures warned
+                await self.host.run_hooks("poststart", "running", fatal=False)
             await send({"ok": True})
         elif op == "kill":
             await self._kill(int(request.get("signal", signal.SIGTERM)), bool(request.get("all")))
@@ -390,8 +405,19 @@ class Shim:
     async def _teardown_once(self) -> None:
         self.stopping = True
         sharedfs.unbind(self.state.share_mount, self.state.share_mount_id)
+        hostside.unbind_all(self.state.host_mounts)  # ENGINE WIRING (teardown 1/2)
+        # Gone: a later cleanup from the saved state must not unmount by IDs the kernel may since
+        # have given to someone else's mounts (it would refuse, but warn).
+        self.state.share_mount_id, self.state.host_mounts = 0, []
+        try:
+            self.store.save(self.state)
+        except OSError as err:  # the state directory went first (delete --force): nothing to keep
+            log.info("state not saved after unmounting: %s", err)
         if self.vm is not None:
             await self.vm.stop()
+        if self.host is not None:  # ENGINE WIRING (teardown 2/2): poststop, as runc's destroy
+            host, self.host = self.host, None  # once, whichever of delete or a signal came first
+            await host.run_hooks("poststop", "stopped", fatal=False)
 
     async def serve(self, listening: Callable[[], None] = lambda: None) -> None:
         """Serves the control socket; `listening` runs once it accepts connections (create must

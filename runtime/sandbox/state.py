@@ -62,6 +62,9 @@ class ContainerState:
     share_mount: str = ""  # host bind mount of the rootfs inside the VM's shared dir
     share_mount_id: int = 0  # its mount ID when the shim mounted it: teardown unmounts only that
     guest_rootfs: str = ""  # the rootfs as the guest sees it, below the VM's share
+    # Host paths bound into the VM's share for the container's mounts: [mount point, mount ID]
+    # each, unmounted by that ID only (runtime/sandbox/hostside.py).
+    host_mounts: list[list[Any]] = dataclasses.field(default_factory=list)
     reason: str = ""  # why a container stopped other than by its process exiting (its VM died)
     rootfs: str = ""  # absolute host path of the bundle's root.path
 

@@ -9,6 +9,7 @@ run_root fixture) that nothing is left: no QEMU, no mount, no run directory.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import tempfile
@@ -232,4 +233,46 @@ def test_a_container_playing_the_issues_attack_cannot_touch_the_host(run_root, c
     assert deleted.returncode == 0, deleted.stderr
     canary.assert_intact()
     _assert_rootfs_intact(rootfs, before)
+    assert not mounts_under(run_root)
+
+
+def test_a_container_planting_symlinks_in_a_shared_host_directory_cannot_steer_teardown(run_root, canary):
+    """A host directory shared read-write (a volume): the container plants symlinks to the host
+    canary in it, over its own files and beside the mount, tries to move the mount away; then
+    `kata-runtime delete --force`. Teardown unmounts the recorded mount ID only: the canary, the
+    volume and what the container wrote there (as the spec allowed) stay."""
+    volume = os.path.join(run_root, "volume")
+    os.mkdir(volume)
+    Path(volume, "user-file").write_text("user data\n")
+    script = f"""
+        bb=/bin/busybox
+        $bb ln -s {canary.mount} /vol/to-canary && echo LINKED
+        $bb ln -s {canary.mount}/secret /vol/secret-link
+        $bb rm /vol/user-file && $bb ln -s {canary.mount} /vol/user-file
+        $bb mv /vol /vol.moved 2>/dev/null && echo MOVED_MOUNT
+        echo written > /vol/by-container
+        echo done > /attack-done
+        exec $bb sleep 600
+    """
+    bundle = make_bundle(os.path.join(run_root, "b"), ["sh", "-c", script], mounts=[
+        {"destination": "/vol", "type": "bind", "source": volume, "options": ["rbind", "rw"]}])
+    runtime = Runtime(run_root)
+    created = runtime("create", "c1", "--bundle", bundle)
+    assert created.returncode == 0, created.stderr
+    try:
+        state = json.loads(Path(run_root, "state", "c1", "state.json").read_text())
+        assert len(state["host_mounts"]) == 1
+        assert runtime("start", "c1").returncode == 0
+        done_file = os.path.join(bundle, "rootfs", "attack-done")
+        deadline = time.monotonic() + ATTACK_TIMEOUT_S
+        while not os.path.exists(done_file):
+            assert time.monotonic() < deadline, "the container's attack script never finished"
+            time.sleep(0.1)
+    finally:
+        deleted = runtime("delete", "--force", "c1")
+    assert deleted.returncode == 0, deleted.stderr
+    canary.assert_intact()
+    assert sorted(os.listdir(volume)) == ["by-container", "secret-link", "to-canary", "user-file"]
+    assert os.readlink(os.path.join(volume, "to-canary")) == canary.mount
+    assert Path(volume, "by-container").read_text() == "written\n"
     assert not mounts_under(run_root)

@@ -8,11 +8,13 @@ so a passing attack test is not a probe that could never succeed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -284,11 +286,11 @@ def test_a_chroot_escape_from_a_container_lands_back_in_the_container(template, 
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"mounts": [{"destination": "/secrets", "type": "bind", "source": "/etc", "options": ["rbind"]}]},
-     "mounts[0] /secrets: bind source /etc is a host path outside the rootfs"),
-    ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}}, "linux.seccomp is not supported"),
+    ({"mounts": [{"destination": "/dev/kvm", "type": "bind", "source": "/dev/null", "options": ["rbind"]}]},
+     "mounts[0] /dev/kvm: bind source /dev/null is a device node"),
+    ({"linux": {"sysctl": {"kernel.modprobe": "/x"}}}, "linux.sysctl kernel.modprobe is not in a namespace"),
 ])
-def test_kata_runtime_refuses_host_binds_and_unsupported_fields_by_name_before_any_vm(run_root, change, message):
+def test_kata_runtime_refuses_unsupported_fields_by_name_before_any_vm(run_root, change, message):
     bundle = make_bundle(os.path.join(run_root, "b"), ["true"], **change)
     config = write_config(run_root, False, 0)
     done = subprocess.run([RUNTIME, "--root", os.path.join(run_root, "state"), "--config", config,
@@ -328,3 +330,87 @@ def test_kata_runtime_run_applies_the_config_json(run_root):
     assert done.returncode == 0, done.stderr
     assert _fields(done.stdout) == {"id": "1000:1000 3000", "nofile": "77", "hostname": "rbox", "scratch": "hi",
                                     "data": "data", "nnp": "NoNewPrivs:1", "rootro": "1"}
+
+
+HOOK = """#!/bin/sh
+cat > {out}.json
+readlink /proc/self/ns/net > {out}.hookns
+pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' {out}.json)
+readlink /proc/$pid/ns/net > {out}.shimns
+"""
+
+
+def test_host_files_and_directories_and_hooks_as_engines_use_them(run_root):
+    """Docker/nerdctl/CRI-style config.json: namespaced sysctls applied in the container, a
+    resolv.conf-style read-only file (copied), a writable
+    file (bound: the container's write reaches it, as with runc), a read-only host directory the
+    container can read and not write; a createRuntime hook that sees the shim's own network
+    namespace, run from the host's, and a poststop hook."""
+    host = os.path.join(run_root, "host")
+    os.makedirs(os.path.join(host, "ro"))
+    Path(host, "ro", "in-ro").write_text("ro data\n")
+    Path(host, "resolv.conf").write_text("nameserver 10.9.8.7\n")
+    Path(host, "hosts").write_text("127.0.0.1 localhost\n")
+    for name in ("create", "stop"):
+        hook = Path(run_root, f"hook-{name}")
+        hook.write_text(HOOK.format(out=os.path.join(run_root, name)))
+        hook.chmod(0o755)
+    script = ("echo resolv=$(cat /etc/resolv.conf); echo ro=$(cat /ro/in-ro); "
+              "echo rowrite=$(touch /ro/x 2>&1 | grep -c Read-only); "
+              "echo resolvwrite=$(sh -c 'echo x >> /etc/resolv.conf' 2>&1 | grep -c Read-only); "
+              "echo '10.1.1.1 added' >> /etc/hosts && echo hostswrite=ok; "
+              "echo port=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start); echo shm=$(cat /proc/sys/kernel/shmmax)")
+    bundle = make_bundle(os.path.join(run_root, "b"), ["sh", "-c", script], mounts=[
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": os.path.join(host, "resolv.conf"),
+         "options": ["rbind", "ro"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": os.path.join(host, "hosts"),
+         "options": ["rbind", "rprivate"]},
+        {"destination": "/ro", "type": "bind", "source": os.path.join(host, "ro"), "options": ["rbind", "ro"]},
+        {"destination": "/dev/shm", "type": "bind", "source": host, "options": ["rbind"]}],
+        hooks={"createRuntime": [{"path": os.path.join(run_root, "hook-create"), "timeout": 60}],
+               "poststop": [{"path": os.path.join(run_root, "hook-stop")}]},
+        linux={"resources": {}, "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}],
+               "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"},
+               "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "12345"}})
+    config = write_config(run_root, False, 0)
+    state = os.path.join(run_root, "state")
+    try:
+        done = subprocess.run([RUNTIME, "--root", state, "--config", config, "run", "c1", "--bundle", bundle],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run([RUNTIME, "--root", state, "--config", config, "delete", "--force", "c1"], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert _fields(done.stdout) == {"resolv": "nameserver 10.9.8.7", "ro": "ro data", "rowrite": "1",
+                                    "resolvwrite": "1", "hostswrite": "ok", "port": "0", "shm": "12345"}
+    assert "linux.seccomp is ignored" in done.stderr and "/dev/shm: the host's shared memory" in done.stderr
+    assert Path(host, "hosts").read_text() == "127.0.0.1 localhost\n10.1.1.1 added\n"
+    assert sorted(os.listdir(os.path.join(host, "ro"))) == ["in-ro"]
+    host_ns = os.readlink("/proc/self/ns/net")
+    created = json.loads(Path(run_root, "create.json").read_text())
+    assert created["status"] == "creating" and created["id"] == "c1" and created["bundle"] == bundle
+    assert Path(run_root, "create.hookns").read_text().strip() == host_ns  # hooks run where runc's run
+    assert Path(run_root, "create.shimns").read_text().strip() != host_ns  # the shim has its own
+    assert json.loads(Path(run_root, "stop.json").read_text())["status"] == "stopped"
+
+
+def test_a_failing_create_hook_fails_create_cleans_up_and_runs_poststop(run_root):
+    """As runc: a createRuntime hook's failure is create's error (its output named); the container
+    is gone and its poststop hooks ran (runc's destroy)."""
+    failing = Path(run_root, "hook-fail")
+    failing.write_text("#!/bin/sh\necho 'CNI says no' >&2\nexit 7\n")
+    failing.chmod(0o755)
+    stop = Path(run_root, "hook-stop")
+    stop.write_text(f"#!/bin/sh\ncat > {run_root}/stop.json\n")
+    stop.chmod(0o755)
+    bundle = make_bundle(os.path.join(run_root, "b"), ["true"], hooks={
+        "createRuntime": [{"path": str(failing), "args": ["cni-hook", "add"]}], "poststop": [{"path": str(stop)}]})
+    config = write_config(run_root, False, 0)
+    state = os.path.join(run_root, "state")
+    done = subprocess.run([RUNTIME, "--root", state, "--config", config, "create", "c1", "--bundle", bundle],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "createRuntime hook cni-hook add exited with status 7: CNI says no" in done.stderr
+    assert json.loads(Path(run_root, "stop.json").read_text())["status"] == "stopped"
+    assert not os.path.exists(os.path.join(state, "c1"))
+    vm_root = Path(run_root, "vm")
+    assert not vm_root.exists() or not any(vm_root.iterdir())  # the hook failed before any VM was taken

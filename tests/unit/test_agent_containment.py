@@ -78,6 +78,22 @@ def test_mounts_are_passed_in_order_and_sysfs_is_always_read_only():
     assert got[2][:4] == ["sysfs", "sysfs", "/sys2", str(containment.MS_RDONLY)]
 
 
+def test_a_shared_bind_is_taken_from_the_guest_not_the_rootfs():
+    mount = agent_pb2.Mount(type="bind", source="/run/kata-containers/shared/c1/mounts/7", destination="/etc/hosts",
+                            options=["rbind", "ro"], shared=True)
+    assert _option(_args(mounts=[mount]), "--mount", 5) == [[
+        containment.SHARED_BIND, "/run/kata-containers/shared/c1/mounts/7", "/etc/hosts",
+        str(containment.MS_BIND | containment.MS_REC | containment.MS_RDONLY), ""]]
+
+
+def test_namespaced_sysctls_are_passed_and_others_refused():
+    got = _option(_args(sysctls={"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shmmax": "4096"}), "--sysctl", 2)
+    assert got == [["/proc/sys/kernel/shmmax", "4096"], ["/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"]]
+    for name in ("kernel.core_pattern", "vm.overcommit_memory", "net./../../kernel/modprobe", "net"):
+        with pytest.raises(RequestError, match="is not one a container may set"):
+            _args(sysctls={name: "1"})
+
+
 @pytest.mark.parametrize("mount,message", [
     (agent_pb2.Mount(type="cgroup", destination="/sys/fs/cgroup"), "type 'cgroup' is not supported"),
     (agent_pb2.Mount(type="tmpfs", destination="relative"), "mount destination 'relative' is not an absolute path"),

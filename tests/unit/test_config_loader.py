@@ -14,6 +14,7 @@ def test_built_in_configuration_is_valid_and_used_when_nothing_else_exists(monke
     assert config.vm_cache_endpoint == "/var/run/kata-containers/cache.sock"
     assert config.template_path == "/run/vc/vm/template"
     assert config.vm_config.hypervisor.machine == "q35"
+    assert config.disable_guest_seccomp is True
 
 
 def test_lookup_order_is_flag_then_environment(tmp_path, monkeypatch):
@@ -80,3 +81,10 @@ def test_vmcache_client_uids_are_read_and_empty_by_default():
 def test_a_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="cannot read configuration /nonexistent.toml \\(from --config\\)"):
         loader.load("/nonexistent.toml")
+
+
+def test_guest_seccomp_is_disabled_by_default_as_upstream():
+    assert loader.parse("", "x.toml").disable_guest_seccomp is True
+    assert loader.parse("[runtime]\ndisable_guest_seccomp = false\n", "x.toml").disable_guest_seccomp is False
+    with pytest.raises(ConfigError, match="runtime.disable_guest_seccomp = 'no' must be a bool"):
+        loader.parse("[runtime]\ndisable_guest_seccomp = 'no'\n", "x.toml")
