@@ -44,6 +44,8 @@ flags.DEFINE_bool("debug", False, "show which factory path each sandbox used and
 flags.DEFINE_string("log", None, "write the runtime's log to this file")
 flags.DEFINE_string("bundle", None, "create, run, spec: the OCI bundle directory (default: current directory)")
 flags.DEFINE_string("pid_file", None, "create: write the container process's pid (in the guest) here")
+flags.DEFINE_string("console_socket", "", "create: the Unix socket to send the terminal's pty master to "
+                    "(process.terminal)")
 flags.DEFINE_bool("force", False, "delete: also a running container")
 flags.DEFINE_enum("format", "table", ["table", "json"], "list: output format")
 flags.DEFINE_integer("status_fd", -1, "internal: the shim's status pipe")
@@ -117,6 +119,8 @@ def _shim_argv() -> list[str]:
     argv = [sys.executable, os.path.abspath(sys.argv[0]), "--root", FLAGS.root]
     if FLAGS.config:
         argv += ["--config", os.path.abspath(FLAGS.config)]
+    if FLAGS.console_socket:
+        argv += ["--console-socket", os.path.abspath(FLAGS.console_socket)]
     return argv + ["shim"]
 
 
@@ -175,7 +179,8 @@ def _shim(args: Sequence[str]) -> int:
     root_logger.handlers[:] = [handler]
     root_logger.setLevel(std_logging.INFO)
     logging.use_python_logging()
-    return asyncio.run(run_shim(store, config, container_id, bundle, FLAGS.status_fd, FLAGS.lock_fd))
+    return asyncio.run(run_shim(store, config, container_id, bundle, FLAGS.status_fd, FLAGS.lock_fd,
+                                console_socket=FLAGS.console_socket))
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {

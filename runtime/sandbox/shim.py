@@ -11,6 +11,11 @@ Every process's output comes over the one agent connection and is written to
 its reader before the next event is read: a reader that stalls holds up the
 other processes' output and the agent's replies until it reads again (bounded
 memory, nothing lost); a reader that goes away gives its process SIGPIPE.
+
+A process with process.terminal has a pty in the guest; the engine gets the
+master of a host pty over its --console-socket (runtime/sandbox/terminal.py),
+the process's output goes to that pty, what the engine types there goes to the
+process, and so do window-size changes.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from hostos import process as host_process
 from runtime.oci.spec import BundleSpec, ProcessSpec, load_bundle, parse_process
 from runtime.sandbox import control, vm_source
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore, Status, now_rfc3339
+from runtime.sandbox.terminal import HostConsole
 
 # ProcessOutput stream numbers (agent.proto).
 STDOUT, STDERR = 1, 2
@@ -60,7 +66,8 @@ def sized_request(base: VMConfig, spec: BundleSpec) -> VMConfig:
 
 
 class Shim:
-    def __init__(self, store: StateStore, config: RuntimeConfig, container_id: str, bundle: str) -> None:
+    def __init__(self, store: StateStore, config: RuntimeConfig, container_id: str, bundle: str,
+                 console_socket: str = "") -> None:
         self.store = store
         self.config = config
         self.id = container_id
@@ -77,6 +84,11 @@ class Shim:
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False  # our teardown: the agent connection closing then is no news
         self.done = asyncio.Event()
+        # The engine's socket for the container's terminal (create --console-socket).
+        self.console_socket = console_socket
+        # exec id -> the host end of its terminal, and the task relaying input and sizes to it.
+        self.consoles: dict[str, HostConsole] = {}
+        self.console_relays: dict[str, asyncio.Task] = {}
 
     # ---- create -------------------------------------------------------------
 
@@ -91,8 +103,11 @@ class Shim:
             started = now
 
         spec = load_bundle(self.bundle)
+        self._check_terminal(spec.process, self.console_socket)  # before any VM exists
         self.state.annotations = dict(spec.annotations)
         self.store.save(self.state)
+        if spec.process.terminal:
+            self._open_console(self.id, self.console_socket)
         # The VM is this shim's from its first moment: if the shim dies, gc reaps it.
         ownership.act_as(OwnerKind.CONTAINER, self.id)
         factory, path, warnings = await vm_source.open_factory(self.config, ctx)
@@ -113,6 +128,7 @@ class Shim:
         self.store.save(self.state)
         pid = await self._create_process(self.id, spec.process, ctx, hostname=spec.hostname,
                                          readonly=spec.rootfs_readonly)
+        await self._console_created(self.id)
         phase("create_process")
         self.state.pid = pid
         self.state.status = Status.CREATED
@@ -135,7 +151,8 @@ class Shim:
             rootfs=self.state.guest_rootfs, rootfs_readonly=readonly, hostname=hostname,
             container_exec_id="" if exec_id == self.id else self.id, capabilities=limits.capabilities,
             rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=spec.mounts,
-            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, ctx=ctx)
+            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, terminal=process.terminal,
+            ctx=ctx)
 
     # ---- serving ------------------------------------------------------------
 
@@ -155,6 +172,7 @@ class Shim:
                 await self._write_output(out.exec_id, out.stream, out.data)
             elif kind == "process_exited":
                 exited = event.process_exited
+                await self._console_done(exited.exec_id)  # after its last output, written above
                 if exited.exec_id == self.id:
                     self.state.status = Status.STOPPED
                     self.state.exit_status = exited.exit_status
@@ -260,15 +278,22 @@ class Shim:
         if self.state.status != Status.RUNNING:
             why = f" ({self.state.reason})" if self.state.reason else ""
             raise ContainerError(f"container {self.id} is {self.state.status}{why}; exec needs a running container")
-        if len(fds) != 2:
-            raise ContainerError(f"exec needs the caller's stdout and stderr attached, got {len(fds)} fds")
         exec_id = str(request["exec_id"])
         process = parse_process(request["process"], "exec")
+        console_socket = str(request.get("console_socket") or "")
+        self._check_terminal(process, console_socket)
+        if len(fds) != 2 and not process.terminal:
+            raise ContainerError(f"exec needs the caller's stdout and stderr attached, got {len(fds)} fds")
         exit_status = asyncio.get_running_loop().create_future()
         self.exec_exits[exec_id] = exit_status
-        self.outputs[exec_id] = {STDOUT: fds[0], STDERR: fds[1]}
+        if not process.terminal:
+            self.outputs[exec_id] = {STDOUT: fds[0], STDERR: fds[1]}
         try:
+            if process.terminal:
+                self._open_console(exec_id, console_socket)
             await self._create_process(exec_id, process, None)
+            await self._console_created(exec_id)
+            self._relay_console(exec_id)
             await self.vm.agent.start_process(exec_id)
             await send({"ok": True})
             # Set after the relay wrote the process's last output (the guest sends it first).
@@ -276,10 +301,71 @@ class Shim:
         finally:
             self.exec_exits.pop(exec_id, None)
             self.outputs.pop(exec_id, None)
+            await self._console_done(exec_id)
+
+    # ---- terminals ----------------------------------------------------------
+
+    @staticmethod
+    def _check_terminal(process: ProcessSpec, console_socket: str) -> None:
+        """runc's rule: a terminal needs a console socket to send it to, and only a terminal uses one."""
+        if process.terminal and not console_socket:
+            raise ContainerError("process.terminal is true but no --console-socket was given: pass the engine's "
+                                 "socket for the terminal, or set process.terminal to false")
+        if console_socket and not process.terminal:
+            raise ContainerError(f"--console-socket {console_socket} was given but process.terminal is false: "
+                                 "set process.terminal to true, or leave the console socket out")
+
+    def _open_console(self, exec_id: str, console_socket: str) -> None:
+        """The host pty whose master goes to the engine now; the process's output goes to its slave."""
+        console = HostConsole.open(console_socket)
+        self.consoles[exec_id] = console
+        self.outputs[exec_id] = {STDOUT: console.fd}
+
+    async def _console_created(self, exec_id: str) -> None:
+        """The window size the engine set already, before the process starts (runc does the same)."""
+        console = self.consoles.get(exec_id)
+        size = console.size_change() if console is not None else None
+        if size is not None:
+            await self.vm.agent.resize_console(exec_id, *size)
+
+    def _relay_console(self, exec_id: str) -> None:
+        """Input and window sizes from the engine's pty to the process's, while it runs."""
+        console = self.consoles.get(exec_id)
+        if console is not None:
+            self.console_relays[exec_id] = self._spawn(self._relay_until_hangup(exec_id, console),
+                                                       f"console-{exec_id}")
+
+    async def _relay_until_hangup(self, exec_id: str, console: HostConsole) -> None:
+        assert self.vm is not None, "consoles are relayed once the process exists"
+        agent = self.vm.agent
+        sizes = asyncio.ensure_future(console.watch_size(lambda rows, cols: agent.resize_console(exec_id, rows, cols)))
+        try:
+            await console.relay_input(lambda data: agent.write_stdin(exec_id, data))
+            # The engine closed its master: as when a terminal hangs up, the process gets SIGHUP.
+            log.info("the engine closed the terminal of %s: sending it SIGHUP", exec_id)
+            await agent.signal_process(exec_id, signal.SIGHUP)
+        except AgentError as err:
+            log.info("terminal of %s: %s", exec_id, err)  # it exited meanwhile
+        finally:
+            sizes.cancel()
+            await asyncio.gather(sizes, return_exceptions=True)
+
+    async def _console_done(self, exec_id: str) -> None:
+        """The process exited (its output is written): the engine reads the end of its terminal."""
+        relay = self.console_relays.pop(exec_id, None)
+        if relay is not None:
+            relay.cancel()
+            await asyncio.gather(relay, return_exceptions=True)
+        console = self.consoles.pop(exec_id, None)
+        if console is not None:
+            self.outputs.pop(exec_id, None)
+            console.close()
 
     async def teardown(self) -> None:
         """Stops the VM, removes the rootfs bind mount and the VM's run directory."""
         self.stopping = True
+        for exec_id in list(self.consoles):
+            await self._console_done(exec_id)
         sharedfs.unbind(self.state.share_mount, self.state.share_mount_id)
         if self.vm is not None:
             await self.vm.stop()
@@ -294,6 +380,7 @@ class Shim:
         server.listen(LISTEN_BACKLOG)
         server.setblocking(False)
         listening()
+        self._relay_console(self.id)
         self._spawn(self.relay_events(), "relay", critical=True)
         self._spawn(self._accept(server), "accept", critical=True)
         loop = asyncio.get_running_loop()
@@ -350,10 +437,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 async def run_shim(store: StateStore, config: RuntimeConfig, container_id: str, bundle: str, status_fd: int,
-                   lock_fd: int = -1) -> int:
+                   lock_fd: int = -1, console_socket: str = "") -> int:
     """Creates the container and serves it. `lock_fd`, the container's lock shared with the create
-    command, is held until create has succeeded or cleaned up, so a delete waits for that."""
-    shim = Shim(store, config, container_id, bundle)
+    command, is held until create has succeeded or cleaned up, so a delete waits for that.
+    `console_socket`: where the engine takes the container's terminal (process.terminal)."""
+    shim = Shim(store, config, container_id, bundle, console_socket=console_socket)
 
     def report(message: dict[str, Any]) -> None:
         _report(status_fd, message)
