@@ -703,7 +703,7 @@ def _terminal_eof(master: int, at_line_start: bool) -> bytes:
         return b""
     if not attrs[3] & termios.ICANON:
         return b""
-    veof = attrs[6][termios.VEOF]
+    veof = bytes(attrs[6][termios.VEOF])
     return veof if at_line_start else veof * 2
 
 

@@ -11,8 +11,8 @@ import fcntl
 import os
 import socket
 import struct
-import termios
 import tempfile
+import termios
 
 import pytest
 
@@ -153,6 +153,29 @@ def test_window_sizes_are_passed_on_at_once_and_on_change(engine, console):
             watch.cancel()
 
     asyncio.run(body())
+
+
+def test_the_slave_never_becomes_the_shims_controlling_terminal(engine):
+    # The shim leads its own session with no terminal. Were the slave to become its controlling
+    # terminal, the engine closing its master would hang it up and SIGHUP the shim itself.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            console = HostConsole.open(engine.path)
+            with open("/proc/self/stat") as stat:
+                tty_nr = stat.read().rsplit(")", 1)[1].split()[4]
+            os.write(write_end, tty_nr.encode())
+            console.close()
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        tty_nr = reader.read()
+    os.waitpid(pid, 0)
+    engine.receive()
+    assert tty_nr == b"0"
 
 
 def test_a_console_socket_nobody_listens_on_is_named(tmp_path):
