@@ -291,7 +291,8 @@ static void remount_bind(const char *target, unsigned long flags) {
 
 struct device { const char *name; mode_t mode; unsigned major, minor; };
 /* The OCI default devices. The guest's real console is its serial port, which the host logs:
- * a container's /dev/console is a null device, as runc gives a container without a terminal. */
+ * a container's /dev/console is a null device, as runc gives a container without a terminal
+ * (with one, its pty is bind-mounted there: see setup_terminal). */
 static const struct device DEVICES[] = {
     {"null", 0666, 1, 3}, {"zero", 0666, 1, 5}, {"full", 0666, 1, 7},
     {"random", 0666, 1, 8}, {"urandom", 0666, 1, 9}, {"tty", 0666, 5, 0}, {"console", 0620, 1, 3},
@@ -423,6 +424,14 @@ static void setup_terminal(void) {
      * session leader already. */
     if (getsid(0) != getpid() && setsid() < 0) fail(errno, "setsid for the terminal");
     if (ioctl(slave, TIOCSCTTY, 0)) fail(errno, "make the pty the controlling terminal");
+    if (cfg.mode == MODE_NEW) {
+        /* As runc: the container's /dev/console is its terminal (else a null device). */
+        unsigned int number;
+        char path[64];
+        if (ioctl(master, TIOCGPTN, &number)) fail(errno, "number of the terminal's pty");
+        snprintf(path, sizeof path, "/dev/pts/%u", number);
+        do_mount(path, "/dev/console", NULL, MS_BIND, NULL);
+    }
     for (int fd = 0; fd < 3; fd++)
         if (dup2(slave, fd) < 0) fail(errno, "dup the terminal onto fd %d", fd);
     if (slave > 2) close(slave);

@@ -107,7 +107,7 @@ class Shim:
         self.state.annotations = dict(spec.annotations)
         self.store.save(self.state)
         if spec.process.terminal:
-            self._open_console(self.id, self.console_socket)
+            await self._open_console(self.id, self.console_socket)
         # The VM is this shim's from its first moment: if the shim dies, gc reaps it.
         ownership.act_as(OwnerKind.CONTAINER, self.id)
         factory, path, warnings = await vm_source.open_factory(self.config, ctx)
@@ -290,7 +290,7 @@ class Shim:
             self.outputs[exec_id] = {STDOUT: fds[0], STDERR: fds[1]}
         try:
             if process.terminal:
-                self._open_console(exec_id, console_socket)
+                await self._open_console(exec_id, console_socket)
             await self._create_process(exec_id, process, None)
             await self._console_created(exec_id)
             self._relay_console(exec_id)
@@ -315,9 +315,9 @@ class Shim:
             raise ContainerError(f"--console-socket {console_socket} was given but process.terminal is false: "
                                  "set process.terminal to true, or leave the console socket out")
 
-    def _open_console(self, exec_id: str, console_socket: str) -> None:
+    async def _open_console(self, exec_id: str, console_socket: str) -> None:
         """The host pty whose master goes to the engine now; the process's output goes to its slave."""
-        console = HostConsole.open(console_socket)
+        console = await asyncio.to_thread(HostConsole.open, console_socket)  # a slow engine stalls no one else
         self.consoles[exec_id] = console
         self.outputs[exec_id] = {STDOUT: console.fd}
 

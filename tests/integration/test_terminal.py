@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from factory.vm import VM
+from runtime.sandbox import control
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import GUEST_SHARED, SHARED_TAG, base_config, share_rootfs, write_config
 
@@ -85,9 +86,10 @@ def test_a_container_and_an_exec_get_their_own_ptys(run_root):
             await vm.agent.resize_console("c1", 33, 101)  # before start, as the shim does
             await vm.agent.start_process("c1")
             await output.until("c1", PROMPT)
-            await vm.agent.write_stdin("c1", b"tty; stty size\n")
-            shown = await output.until("c1", b"33 101\r\n")
-            assert b"\r\n/dev/pts/0\r\n33 101\r\n" in shown  # the container's own pts, the size set
+            await vm.agent.write_stdin("c1", b"tty; stty size; echo via-console >/dev/console\n")
+            shown = await output.until("c1", b"via-console\r\n")
+            # The container's own pts, the size set, and /dev/console is the terminal too (as runc).
+            assert b"\r\n/dev/pts/0\r\n33 101\r\nvia-console\r\n" in shown
 
             # An exec joins the container and gets the next pty of the container's devpts.
             await vm.agent.create_process(**_process("e1", ["sh", "-c", "tty; stty size; read line; stty size"],
@@ -111,8 +113,8 @@ def test_a_container_and_an_exec_get_their_own_ptys(run_root):
 class Engine:
     """What containerd's runc shim does with --console-socket: listen, take the master, use it."""
 
-    def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, "console.sock")
+    def __init__(self, directory: str, name: str = "console.sock") -> None:
+        self.path = os.path.join(directory, name)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.path)
         self.listener.listen(1)
@@ -217,6 +219,23 @@ def test_kata_runtime_hands_the_terminal_to_the_console_socket(run_root):
             if b"45 100" in engine.read_until(PROMPT):
                 break
             assert time.monotonic() < deadline, "the resize never reached the guest"
+
+        # An exec with a terminal of its own: the shim's exec request names its console socket.
+        exec_engine = Engine(run_root, "exec-console.sock")
+        try:
+            request = {"op": "exec", "exec_id": "e1", "console_socket": exec_engine.path,
+                       "process": {"args": ["sh", "-c", "tty; read line; echo got $line"], "env": ["PATH=/bin"],
+                                   "cwd": "/", "terminal": True}}
+            shim_socket = os.path.join(state_root, "c1", "shim.sock")
+            with control.request(shim_socket, request, timeout_s=DEADLINE_S) as conn:
+                exec_engine.receive()
+                assert conn.read_reply() == {"ok": True}
+                exec_engine.read_until(b"/dev/pts/1\r\n")
+                exec_engine.type(b"typed\n")
+                assert exec_engine.read_to_end().endswith(b"got typed\r\n")
+                assert conn.read_reply() == {"exit_status": 0}
+        finally:
+            exec_engine.close()
 
         engine.type(b"echo hi; exit 3\n")
         assert engine.read_to_end().endswith(b"\r\nhi\r\n")
