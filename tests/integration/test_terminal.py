@@ -28,7 +28,7 @@ RUNTIME = os.path.abspath("runtime/kata-runtime")
 # Everything waited for here is bounded; a TCG guest on a loaded 2-core machine is slow.
 DEADLINE_S = 120.0
 # Busybox applets these tests run beyond the shared bundle's.
-TERMINAL_APPLETS = ("tty", "stty")
+TERMINAL_APPLETS = ("tty", "stty", "stat")
 PROMPT = b"prompt> "
 
 
@@ -101,6 +101,13 @@ def test_a_container_and_an_exec_get_their_own_ptys(run_root):
             await vm.agent.write_stdin("e1", b"\n")
             assert await output.exit_status("e1") == 0
             assert output.out["e1"].endswith(b"\r\n44 120\r\n")
+
+            # Another user's terminal is that user's (as runc's fixStdioPermissions; the group stays tty).
+            await vm.agent.create_process(**_process("u1", ["sh", "-c", "stat -c %u:%g $(tty); echo ok >/dev/tty"],
+                                                     rootfs, container_exec_id="c1", uid=1000, gid=1000))
+            await vm.agent.start_process("u1")
+            assert await output.exit_status("u1") == 0
+            assert output.out["u1"] == b"1000:5\r\nok\r\n"
 
             await vm.agent.write_stdin("c1", b"echo hi; exit 3\n")
             assert await output.exit_status("c1") == 3
