@@ -218,7 +218,7 @@ class AgentClient:
                              container_exec_id: str = "", capabilities: dict[str, list[str]] | None = None,
                              rlimits: Sequence[tuple[str, int, int]] = (), no_new_privileges: bool = False,
                              mounts: Sequence[dict[str, Any]] = (), readonly_paths: Sequence[str] = (),
-                             masked_paths: Sequence[str] = (), guest_root: bool = False,
+                             masked_paths: Sequence[str] = (), guest_root: bool = False, terminal: bool = False,
                              sysctls: Mapping[str, str] | None = None,
                              timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> int:
         """Creates the process in the guest, contained and waiting for start_process; returns its guest pid.
@@ -227,6 +227,8 @@ class AgentClient:
         OCI sets by name ({"bounding": ["CAP_KILL"], ...}); None gives the guest's default set.
         `mounts`: OCI mount objects (type, source inside the rootfs for binds, destination,
         options). `guest_root`: uncontained in the guest's root (host-trusted tests only).
+        `terminal`: a pty in the guest as the process's controlling terminal and stdio; its output
+        is all stream 1, write_stdin types into it, resize_console sets its size.
         A missing executable or cwd inside `rootfs` is an AgentError here, not an exit status.
         """
         request = agent_pb2.CreateProcessRequest(
@@ -234,6 +236,7 @@ class AgentClient:
             rootfs=rootfs, rootfs_readonly=rootfs_readonly, hostname=hostname, open_stdin=open_stdin,
             container_exec_id=container_exec_id, no_new_privileges=no_new_privileges, guest_root=guest_root,
             readonly_paths=readonly_paths, masked_paths=masked_paths, sysctls=dict(sysctls or {}),
+            terminal=terminal,
             rlimits=[agent_pb2.Rlimit(type=kind, soft=soft, hard=hard) for kind, soft, hard in rlimits],
             mounts=[agent_pb2.Mount(type=m["type"], source=m.get("source", ""), destination=m["destination"],
                                     options=m.get("options", []), shared=bool(m.get("shared")))
@@ -275,6 +278,12 @@ class AgentClient:
 
     async def close_stdin(self, exec_id: str, timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> None:
         await self._call("CloseStdin", "close_stdin", agent_pb2.CloseStdinRequest(exec_id=exec_id), timeout_s, ctx)
+
+    async def resize_console(self, exec_id: str, rows: int, cols: int, timeout_s: float = REQUEST_TIMEOUT_S,
+                             ctx: Context | None = None) -> None:
+        """Sets the window size of a process created with terminal (from its create_process on)."""
+        await self._call("ResizeConsole", "resize_console",
+                         agent_pb2.ResizeConsoleRequest(exec_id=exec_id, rows=rows, cols=cols), timeout_s, ctx)
 
     async def close(self) -> None:
         """Lets go of the socket; the guest keeps serving the next owner."""

@@ -210,5 +210,7 @@ def helper_args(contain_path: str, request: agent_pb2.CreateProcessRequest, exec
         args += _capability_args(request)
     if request.no_new_privileges:
         args.append("--no-new-privs")
+    if request.terminal:
+        args.append("--terminal")
     args += ["--cwd", request.cwd or "/", "--exec", executable, "--", *request.args]
     return args

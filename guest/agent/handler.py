@@ -316,6 +316,12 @@ class AgentHandler:
     ) -> List[agent_pb2.GuestMessage]:
         return self.processes.close_stdin(request_id, request.exec_id)
 
+    def _handle_resize_console(
+        self, request_id: int, request: agent_pb2.ResizeConsoleRequest
+    ) -> agent_pb2.GuestMessage:
+        self.processes.resize(request.exec_id, request.rows, request.cols)
+        return self._reply(request_id, "resize_console")
+
     # --- helpers ---------------------------------------------------------------------------------
 
     def _online_everything(self, cpu_only: bool) -> Tuple[hotplug.OnlineResult, hotplug.OnlineResult]:

@@ -21,14 +21,25 @@ Life of a process, as the agent sees it:
             late WaitProcess or SignalProcess still gets a proper answer.
 A child that fails during CREATING was never created as far as the host knows: CreateProcess gets
 the error and the child is reaped without an event.
+
+A process with a terminal (CreateProcess.terminal) has no pipes: the helper gets /dev/null for
+its own stdio and a console socket, the program opens a pty in its container's /dev/ptmx (so the
+pty belongs to the container's devpts, as with runc) and sends the master on that socket before
+it says "R". From then on the master is the process's stdin (WriteStdin) and its only output
+(stream 1), and ResizeConsole sets its size. When the last slave closes, reading the master
+gives EIO: that is the terminal's end of output.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
+import signal
 import socket
+import struct
+import termios
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
@@ -46,8 +57,10 @@ OUTPUT_CHUNK_BYTES = 64 * 1024
 MAX_EXITED_KEPT = 256
 # Without a pidfd (kernel < 5.3) and before SIGCHLD wakes the loop, how often to look for exits.
 REAP_POLL_S = 0.1
-# The helper's fds: 0-2 stdio, 3 its status pipe, 4 its start pipe (guest/contain/contain.c).
-HELPER_FDS = 5
+# The terminal's master arrives as one SCM_RIGHTS message naming it ("/dev/ptmx", as runc sends).
+CONSOLE_MESSAGE_BYTES = 64
+# struct winsize holds unsigned shorts.
+MAX_WINSIZE = 0xFFFF
 # Linux signal numbers (SIGRTMAX is 64 on every architecture we run on).
 MAX_SIGNAL = 64
 
@@ -77,7 +90,11 @@ class _Process:
         self.has_stdin = False
         self.stdin_closing = False
         self.stdin_queue: Deque[_StdinItem] = deque()
+        self.stdin_at_line_start = True  # what CloseStdin must send to end a terminal's input
         self.outputs: Dict[int, int] = {}  # read end -> stream number
+        self.terminal = False
+        self.console_fd: Optional[int] = None  # the program sends its terminal's master here
+        self.terminal_fd: Optional[int] = None  # that master, kept for ResizeConsole until the exit
         self.exit_status: Optional[int] = None
         self.init_pid = 0  # a new container's init (its namespaces), once the helper said it
         self.reaped = False
@@ -87,7 +104,8 @@ class _Process:
         self.waits: List[int] = []
 
     def fds(self) -> List[int]:
-        fds = [self.pidfd, self.status_fd, self.start_fd, self.stdin_fd, *self.outputs]
+        fds = [self.pidfd, self.status_fd, self.start_fd, self.stdin_fd, *self.outputs, self.console_fd,
+               self.terminal_fd]
         return [fd for fd in fds if fd is not None]
 
 
@@ -101,6 +119,7 @@ class CreatePlan:
         self.rootfs = request.rootfs
         self.cwd = request.cwd or "/"
         self.open_stdin = request.open_stdin
+        self.terminal = request.terminal
         self.env: Dict[str, str] = {}
         for entry in request.env:
             name, sep, value = entry.partition("=")
@@ -241,13 +260,33 @@ class ProcessTable:
     def write_stdin(self, request_id: int, exec_id: str, data: bytes) -> List[agent_pb2.GuestMessage]:
         proc = self._stdin_of(exec_id)
         proc.stdin_queue.append(_StdinItem(request_id, data))
+        if data:
+            proc.stdin_at_line_start = data[-1:] in (b"\n", b"\r")
         return self._pump_stdin(proc)
 
     def close_stdin(self, request_id: int, exec_id: str) -> List[agent_pb2.GuestMessage]:
         proc = self._stdin_of(exec_id)
         proc.stdin_closing = True
+        if proc.terminal_fd is not None:
+            # Closing our copy of the master would not end the process's input (the master stays
+            # open for its output): the terminal's end-of-file character does, as typed.
+            proc.stdin_queue.append(_StdinItem(None, _terminal_eof(proc.terminal_fd, proc.stdin_at_line_start)))
         proc.stdin_queue.append(_StdinItem(request_id, close=True))
         return self._pump_stdin(proc)
+
+    def resize(self, exec_id: str, rows: int, cols: int) -> None:
+        proc = self._get(exec_id)
+        if not proc.terminal:
+            raise RequestError(f"process {exec_id!r} has no terminal (create it with terminal)")
+        if proc.state == EXITED:
+            raise RequestError(f"process {exec_id!r} is not running (exited with status {proc.exit_status})")
+        if proc.terminal_fd is None:
+            raise RequestError(f"process {exec_id!r} is {proc.state}: its terminal exists once CreateProcess "
+                               "is answered")
+        if rows > MAX_WINSIZE or cols > MAX_WINSIZE:
+            raise RequestError(f"terminal size {rows}x{cols} is over {MAX_WINSIZE} rows or columns")
+        # On the master, TIOCSWINSZ sets the slave's size and signals its foreground group.
+        fcntl.ioctl(proc.terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def cancel_replies(self) -> int:
         """Forget the requests waiting for an answer (their host left); the processes go on."""
@@ -344,24 +383,36 @@ class ProcessTable:
 
     def _spawn(self, plan: CreatePlan) -> _Process:
         parent_fds: List[int] = []
-        child_fds: List[int] = []  # in the helper's order: stdin, stdout, stderr, status, start
+        # In the helper's order (guest/contain/contain.c): stdin, stdout, stderr, status pipe,
+        # start pipe, and with a terminal the console socket. One fd may stand at several places.
+        child_fds: List[int] = []
+        in_w: Optional[int] = None
+        out_r = err_r = console_fd = None
         try:
-            if plan.open_stdin:
-                in_r, in_w = os.pipe2(os.O_CLOEXEC)
-                child_fds.append(in_r), parent_fds.append(in_w)
+            if plan.terminal:
+                # Neither the helper nor the container's init holds the terminal: only the program.
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                child_fds += [null, null, null]
             else:
-                in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
-                child_fds.append(in_r)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            parent_fds.append(out_r), child_fds.append(out_w)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            parent_fds.append(err_r), child_fds.append(err_w)
+                if plan.open_stdin:
+                    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+                    child_fds.append(in_r), parent_fds.append(in_w)
+                else:
+                    child_fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                parent_fds.append(out_r), child_fds.append(out_w)
+                err_r, err_w = os.pipe2(os.O_CLOEXEC)
+                parent_fds.append(err_r), child_fds.append(err_w)
             status_r, status_w = os.pipe2(os.O_CLOEXEC)
             parent_fds.append(status_r), child_fds.append(status_w)
             start_r, start_w = os.pipe2(os.O_CLOEXEC)
             child_fds.append(start_r), parent_fds.append(start_w)
-            # Copies above the helper's fds 0-4, so no dup2 onto 0-4 clobbers one still to come.
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, HELPER_FDS) for fd in child_fds]
+            if plan.terminal:
+                ours, helpers = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                console_fd = ours.detach()
+                parent_fds.append(console_fd), child_fds.append(helpers.detach())
+            # Copies above the helper's fds, so no dup2 onto one of them clobbers one still to come.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, len(child_fds)) for fd in child_fds]
             child_fds.extend(high)
             try:
                 pid = os.posix_spawn(
@@ -373,15 +424,17 @@ class ProcessTable:
             except OSError as exc:
                 raise RequestError(f"spawn {plan.argv[0]} for process {plan.exec_id!r}: {exc.strerror}") from None
         except BaseException:
-            for fd in parent_fds + child_fds:
+            for fd in parent_fds + list(set(child_fds)):
                 _close(fd)
             raise
-        for fd in child_fds:
+        for fd in set(child_fds):
             _close(fd)
         proc = _Process(plan.exec_id, pid)
         proc.status_fd, proc.start_fd = status_r, start_w
-        proc.outputs = {out_r: STDOUT, err_r: STDERR}
-        proc.stdin_fd, proc.has_stdin = in_w, plan.open_stdin
+        if out_r is not None and err_r is not None:
+            proc.outputs = {out_r: STDOUT, err_r: STDERR}
+        proc.stdin_fd, proc.has_stdin = in_w, plan.open_stdin or plan.terminal
+        proc.terminal, proc.console_fd = plan.terminal, console_fd
         for fd in parent_fds:
             _set_nonblocking(fd)
         try:
@@ -409,6 +462,12 @@ class ProcessTable:
             proc.init_pid = int(line[1:]) if line[1:].isdigit() else 0
         if proc.state == CREATING and proc.status_data.startswith(b"R"):
             proc.status_data = proc.status_data[1:]
+            if proc.console_fd is not None:
+                try:
+                    self._take_terminal(proc)
+                except RequestError as exc:
+                    os.kill(proc.pid, signal.SIGKILL)  # unreaped: the pid is still this child's
+                    return messages + self._abandon(proc, str(exc))
             proc.state = CREATED
             if proc.create_request is not None:
                 reply = reply_message(proc.create_request, "create_process")
@@ -432,18 +491,7 @@ class ProcessTable:
         proc.status_fd = None
         error = proc.status_data[1:].decode("utf-8", "replace") if proc.status_data.startswith(b"E") else ""
         if proc.state == CREATING:
-            # Never created: CreateProcess gets the error and the child goes without an event.
-            why = error or "the child ended while setting up"
-            if proc.create_request is not None:
-                messages.append(response_message(proc.create_request,
-                                                 f"create_process: process {proc.exec_id!r}: {why}"))
-            if proc.start_request is not None:
-                messages.append(response_message(proc.start_request,
-                                                 f"start_process: process {proc.exec_id!r} was never created: {why}"))
-            log(f"process {proc.exec_id!r} failed to set up: {why}")
-            self._procs.pop(proc.exec_id, None)
-            self._close_pipes(proc)
-            self._orphans.append(proc)
+            messages.extend(self._abandon(proc, error or "the child ended while setting up"))
         elif proc.state == STARTING:
             proc.state = RUNNING
             if proc.start_request is not None:
@@ -458,11 +506,53 @@ class ProcessTable:
         # In CREATED, EOF means a signal killed the waiting child: its exit says the rest.
         return messages
 
+    def _abandon(self, proc: _Process, why: str) -> List[agent_pb2.GuestMessage]:
+        """A child that failed while CREATING was never created: CreateProcess gets the error and
+        the child is reaped without an event."""
+        messages: List[agent_pb2.GuestMessage] = []
+        if proc.create_request is not None:
+            messages.append(response_message(proc.create_request, f"create_process: process {proc.exec_id!r}: {why}"))
+        if proc.start_request is not None:
+            messages.append(response_message(proc.start_request,
+                                             f"start_process: process {proc.exec_id!r} was never created: {why}"))
+        log(f"process {proc.exec_id!r} failed to set up: {why}")
+        self._procs.pop(proc.exec_id, None)
+        self._close_pipes(proc)
+        self._orphans.append(proc)
+        return messages
+
+    def _take_terminal(self, proc: _Process) -> None:
+        """The master the program sent before it said "R", so it is queued already."""
+        assert proc.console_fd is not None
+        console = socket.socket(fileno=proc.console_fd)
+        proc.console_fd = None
+        try:
+            _, fds, _, _ = socket.recv_fds(console, CONSOLE_MESSAGE_BYTES, 1, socket.MSG_CMSG_CLOEXEC)
+        except OSError as exc:  # BlockingIOError included: the helper said "R" without sending it
+            raise RequestError(f"the process's terminal did not arrive from the helper ({exc})") from None
+        finally:
+            console.close()
+        if len(fds) != 1:
+            for fd in fds:
+                _close(fd)
+            raise RequestError(f"the helper sent {len(fds)} fds for the process's terminal, not its master")
+        master = fds[0]
+        _set_nonblocking(master)
+        # One fd per role: reading ends at EIO, CloseStdin closes the writer, ResizeConsole needs
+        # the master until the exit whatever the other two did.
+        proc.terminal_fd = master
+        proc.outputs = {os.dup(master): STDOUT}
+        proc.stdin_fd = os.dup(master)
+
     def _read_output(self, proc: _Process, fd: int) -> List[agent_pb2.GuestMessage]:
         try:
             data = os.read(fd, OUTPUT_CHUNK_BYTES)
         except BlockingIOError:
             return []
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            data = b""  # a terminal's master once no slave is open: the end of its output
         if not data:
             _close(fd)
             del proc.outputs[fd]
@@ -505,7 +595,9 @@ class ProcessTable:
                 written = os.write(proc.stdin_fd, item.data) if item.data else 0
             except BlockingIOError:
                 break
-            except BrokenPipeError:
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.EIO):  # EIO: a terminal nobody holds
+                    raise
                 messages.extend(self._fail_stdin(proc, f"process {proc.exec_id!r} closed its stdin"))
                 break
             item.data = item.data[written:]
@@ -579,6 +671,9 @@ class ProcessTable:
         for fd in list(proc.outputs):
             _close(fd)
         proc.outputs = {}
+        _close(proc.console_fd)
+        _close(proc.terminal_fd)
+        proc.console_fd = proc.terminal_fd = None
         _close(proc.start_fd)
         proc.start_fd = None
         if proc.status_fd is not None:
@@ -597,6 +692,19 @@ class ProcessTable:
         message = reply_message(request_id, "wait_process")
         message.response.wait_process.exit_status = proc.exit_status
         return message
+
+
+def _terminal_eof(master: int, at_line_start: bool) -> bytes:
+    """What ends a terminal's input as typed: its VEOF character at the start of a line (once
+    more after a partial line, which the first one only hands over); nothing in raw mode."""
+    try:
+        attrs = termios.tcgetattr(master)  # on a master: the slave's settings
+    except termios.error:
+        return b""
+    if not attrs[3] & termios.ICANON:
+        return b""
+    veof = bytes(attrs[6][termios.VEOF])
+    return veof if at_line_start else veof * 2
 
 
 def _set_hostname(hostname: str) -> None:

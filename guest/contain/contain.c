@@ -3,7 +3,9 @@
  * then waits for the agent's start byte and execs the program.
  *
  * The agent posix_spawn()s this with fd 0-2 = the process's stdio, fd 3 = status pipe (to the
- * agent), fd 4 = start pipe (from the agent). Status messages, each one write(2) below PIPE_BUF:
+ * agent), fd 4 = start pipe (from the agent), and with --terminal fd 5 = a Unix socket on which
+ * the program sends the master of its terminal (SCM_RIGHTS) before it says "R". Status
+ * messages, each one write(2) below PIPE_BUF:
  *   "C<pid>\n"  the container's init, as the guest sees it (exec'd processes join its namespaces)
  *   "R"         set up, waiting for the start byte
  *   "E<why>"    set-up failed; the process then exits 126 (found, not runnable) or 127 (not found)
@@ -17,7 +19,10 @@
  *          the guest's root, sets the hostname, forks the program, forwards signals to it, reaps
  *          orphans, and exits with the program's status (PID 1 ignores signals it has no handler
  *          for, so the program itself must not be PID 1, or a plain `kill` would not end it).
- *   program  sets rlimits, ids, capabilities, no_new_privs, waits for the start byte, execs.
+ *   program  with --terminal: opens a pty in the container's own /dev/ptmx (as runc does, so
+ *          `tty` names it inside), makes it its controlling terminal in a new session and its
+ *          stdio, and sends the master to the agent; then sets rlimits, ids, capabilities,
+ *          no_new_privs, waits for the start byte, execs.
  * For --join PID (an exec in a running container) the outer process enters the namespaces of
  * that init and forks the program directly. For --guest-root (host-trusted tests only) nothing is
  * unshared: the program runs in the guest's own root.
@@ -38,8 +43,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -49,6 +56,7 @@
 
 #define STATUS_FD 3
 #define START_FD 4
+#define CONSOLE_FD 5
 /* The status pipe's error message stays one atomic write. */
 #define MAX_ERROR 2048
 /* Linux signal numbers run 1..64 (SIGRTMAX on every architecture we run on). */
@@ -112,6 +120,7 @@ static struct {
     int set_caps;
     uint64_t caps[5]; /* bounding, effective, permitted, inheritable, ambient */
     int no_new_privs;
+    int terminal;
     const char *cwd;
     const char *exec_path;
     char **argv;
@@ -207,6 +216,7 @@ static void parse(int argc, char **argv) {
             for (int k = 0; k < 5; k++) cfg.caps[k] = number(argv[++i], 16);
         }
         else if (!strcmp(a, "--no-new-privs")) cfg.no_new_privs = 1;
+        else if (!strcmp(a, "--terminal")) cfg.terminal = 1;
         else if (!strcmp(a, "--cwd")) { NEED(1); cfg.cwd = argv[++i]; }
         else if (!strcmp(a, "--exec")) { NEED(1); cfg.exec_path = argv[++i]; }
         else usage(a);
@@ -309,7 +319,8 @@ static void remount_bind(const char *target, unsigned long flags) {
 
 struct device { const char *name; mode_t mode; unsigned major, minor; };
 /* The OCI default devices. The guest's real console is its serial port, which the host logs:
- * a container's /dev/console is a null device, as runc gives a container without a terminal. */
+ * a container's /dev/console is a null device, as runc gives a container without a terminal
+ * (with one, its pty is bind-mounted there: see setup_terminal). */
 static const struct device DEVICES[] = {
     {"null", 0666, 1, 3}, {"zero", 0666, 1, 5}, {"full", 0666, 1, 7},
     {"random", 0666, 1, 8}, {"urandom", 0666, 1, 9}, {"tty", 0666, 5, 0}, {"console", 0620, 1, 3},
@@ -435,6 +446,58 @@ static void setup_mounts(void) {
 
 /* --- the program ------------------------------------------------------------------------------ */
 
+/* Send `fd` to the agent on the console socket, one message with one fd (runc's SendFd). */
+static void send_master(int fd) {
+    static const char name[] = "/dev/ptmx"; /* the payload runc sends: the master's path */
+    char control[CMSG_SPACE(sizeof(int))];
+    memset(control, 0, sizeof control);
+    struct iovec iov = {(void *)name, sizeof name - 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    ssize_t sent;
+    do sent = sendmsg(CONSOLE_FD, &msg, MSG_NOSIGNAL); while (sent < 0 && errno == EINTR);
+    if (sent < 0) fail(errno, "send the terminal's master to the agent");
+}
+
+/* The terminal: a pty of this mount namespace's /dev/ptmx (the container's own devpts), its
+ * slave our controlling terminal in a session of our own and our stdio; the master goes to the
+ * agent. Done before anything that could limit it (rlimits) or drop the right to chown it. */
+static void setup_terminal(void) {
+    int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (master < 0) fail(errno, "open /dev/ptmx for the process's terminal");
+    if (unlockpt(master)) fail(errno, "unlock the terminal's pty");
+    /* The peer by the master itself, not by a /dev/pts path lookup. */
+    int slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY);
+    if (slave < 0) fail(errno, "open the terminal's pty slave");
+    /* As runc's fixStdioPermissions: the process's user owns its terminal (the group stays
+     * devpts's tty group), so it can still reopen it after dropping privileges. */
+    struct stat st;
+    if (cfg.set_ids && fstat(slave, &st) == 0 && st.st_uid != cfg.uid && fchown(slave, cfg.uid, -1))
+        fail(errno, "chown the terminal to uid %u", cfg.uid);
+    /* The forked program leads no group, so setsid works; a --guest-root helper was spawned as a
+     * session leader already. */
+    if (getsid(0) != getpid() && setsid() < 0) fail(errno, "setsid for the terminal");
+    if (ioctl(slave, TIOCSCTTY, 0)) fail(errno, "make the pty the controlling terminal");
+    if (cfg.mode == MODE_NEW) {
+        /* As runc: the container's /dev/console is its terminal (else a null device). */
+        unsigned int number;
+        char path[64];
+        if (ioctl(master, TIOCGPTN, &number)) fail(errno, "number of the terminal's pty");
+        snprintf(path, sizeof path, "/dev/pts/%u", number);
+        do_mount(path, "/dev/console", NULL, MS_BIND, NULL);
+    }
+    for (int fd = 0; fd < 3; fd++)
+        if (dup2(slave, fd) < 0) fail(errno, "dup the terminal onto fd %d", fd);
+    if (slave > 2) close(slave);
+    send_master(master);
+    close(master);
+    close(CONSOLE_FD);
+}
+
 static int cap_last(void) {
     int last = 40; /* CAP_CHECKPOINT_RESTORE on 6.1; refined from /proc when readable */
     FILE *f = fopen("/proc/sys/kernel/cap_last_cap", "re");
@@ -490,6 +553,7 @@ static void set_credentials(void) {
 }
 
 static void run_program(void) {
+    if (cfg.terminal) setup_terminal();
     for (int i = 0; i < cfg.n_rlimits; i++)
         if (setrlimit(cfg.rlimits[i].resource, &cfg.rlimits[i].limit))
             fail(errno, "setrlimit %d", cfg.rlimits[i].resource);
@@ -546,6 +610,7 @@ static void container_init(void) {
     if (program == 0) run_program();
     close(STATUS_FD);
     close(START_FD);
+    if (cfg.terminal) close(CONSOLE_FD);
     drop_to_program_credentials();
     forward_signals_to(program);
     int raw;
@@ -585,13 +650,15 @@ static void join_namespaces(pid_t pid) {
 
 int main(int argc, char **argv) {
     parse(argc, argv);
-    /* Only stdio, the status and the start pipe: no descriptor of the agent's may reach the
-     * container. */
-    if (syscall(SYS_close_range, START_FD + 1, ~0U, 0)) {
-        for (int fd = START_FD + 1; fd < 1024; fd++) close(fd);
+    /* Only stdio, the status and the start pipe (and the console socket): no descriptor of the
+     * agent's may reach the container. */
+    int last = cfg.terminal ? CONSOLE_FD : START_FD;
+    if (syscall(SYS_close_range, last + 1, ~0U, 0)) {
+        for (int fd = last + 1; fd < 1024; fd++) close(fd);
     }
     fcntl(STATUS_FD, F_SETFD, FD_CLOEXEC);
     fcntl(START_FD, F_SETFD, FD_CLOEXEC);
+    if (cfg.terminal) fcntl(CONSOLE_FD, F_SETFD, FD_CLOEXEC);
     if (cfg.mode == MODE_GUEST_ROOT) run_program();
 
     sigset_t saved;
@@ -614,6 +681,7 @@ int main(int argc, char **argv) {
     }
     close(STATUS_FD);
     close(START_FD);
+    if (cfg.terminal) close(CONSOLE_FD);
     forward_signals_to(child);
     int raw;
     int code = wait_for(child, &raw);

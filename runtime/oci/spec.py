@@ -69,7 +69,7 @@ REFUSED_FIELDS = {
 }
 # Set but without effect on what the container can reach: warned about by name.
 WARNED_FIELDS = {
-    "process.consoleSize": "no terminal",
+    "process.consoleSize": "the engine sets the size on the console socket's terminal",
     "process.oomScoreAdj": "not applied in the guest",
     "process.scheduler": "not applied in the guest",
     "process.ioPriority": "not applied in the guest",
@@ -202,12 +202,13 @@ def parse_process(raw: Any, where: str) -> ProcessSpec:
             raise SpecError(f"{where}: process.user.{name} must be a non-negative integer, got {value!r}")
     if not isinstance(gids, list) or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gids):
         raise SpecError(f"{where}: process.user.additionalGids must be a list of non-negative integers, got {gids!r}")
-    if raw.get("terminal"):
-        raise SpecError(f"{where}: process.terminal is true, but this runtime relays plain stdio only; set it to false")
+    terminal = raw.get("terminal", False)
+    if not isinstance(terminal, bool):
+        raise SpecError(f"{where}: process.terminal must be true or false, got {terminal!r}")
     no_new_privileges = raw.get("noNewPrivileges", False)
     if not isinstance(no_new_privileges, bool):
         raise SpecError(f"{where}: process.noNewPrivileges must be true or false, got {no_new_privileges!r}")
-    return ProcessSpec(list(args), list(env), cwd, uid, gid, list(gids),
+    return ProcessSpec(list(args), list(env), cwd, uid, gid, list(gids), terminal=terminal,
                        capabilities=_capabilities(raw.get("capabilities"), where),
                        rlimits=_rlimits(raw.get("rlimits"), where), no_new_privileges=no_new_privileges)
 

@@ -17,6 +17,11 @@ Every process's output comes over the one agent connection and is written to
 its reader before the next event is read: a reader that stalls holds up the
 other processes' output and the agent's replies until it reads again (bounded
 memory, nothing lost); a reader that goes away gives its process SIGPIPE.
+
+A process with process.terminal has a pty in the guest; the engine gets the
+master of a host pty over its --console-socket (runtime/sandbox/terminal.py),
+the process's output goes to that pty, what the engine types there goes to the
+process, and so do window-size changes.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from hostos import process as host_process
 from runtime.oci.spec import BundleSpec, ProcessSpec, SpecPolicy, load_bundle, parse_process
 from runtime.sandbox import control, hostside, stdin_relay, vm_source
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore, Status, now_rfc3339
+from runtime.sandbox.terminal import HostConsole
 
 # ProcessOutput stream numbers (agent.proto).
 STDOUT, STDERR = 1, 2
@@ -101,6 +107,11 @@ class Shim:
         self._finishing: asyncio.Task | None = None
         self.host: hostside.HostSide | None = None  # netns, hooks, host mounts (engines' side)
         self.guest_mounts: list[dict[str, Any]] = []  # the spec's mounts, host binds as shared
+        # The engine's socket for the container's terminal (create --console-socket).
+        self.console_socket = console_socket
+        # exec id -> the host end of its terminal, and the task relaying input and sizes to it.
+        self.consoles: dict[str, HostConsole] = {}
+        self.console_relays: dict[str, asyncio.Task] = {}
 
     # ---- create -------------------------------------------------------------
 
@@ -115,6 +126,7 @@ class Shim:
             started = now
 
         spec = load_bundle(self.bundle, SpecPolicy(disable_guest_seccomp=self.config.disable_guest_seccomp))
+        self._check_terminal(spec.process, self.console_socket)  # before any VM exists
         self.state.annotations = dict(spec.annotations)
         self.state.rootfs = spec.rootfs
         self.store.save(self.state)
@@ -124,6 +136,9 @@ class Shim:
         self.host.enter_network_namespace()
         for stage in ("prestart", "createRuntime", "createContainer"):
             await self.host.run_hooks(stage, "creating", fatal=True)
+        if spec.process.terminal:
+            self.stdin_fd = None  # its input comes through the terminal
+            await self._open_console(self.id, self.console_socket)
         # The VM is this shim's from its first moment: if the shim dies, gc reaps it.
         ownership.act_as(OwnerKind.CONTAINER, self.id)
         factory, path, warnings = await vm_source.open_factory(self.config, ctx)
@@ -149,6 +164,7 @@ class Shim:
             self.store.save(self.state)
         pid = await self._create_process(self.id, spec.process, ctx, hostname=spec.hostname,
                                          readonly=spec.rootfs_readonly, open_stdin=self.stdin_fd is not None)
+        await self._console_created(self.id)
         phase("create_process")
         self.state.guest_pid = pid
         self.state.status = Status.CREATED
@@ -171,7 +187,8 @@ class Shim:
             rootfs=self.state.guest_rootfs, rootfs_readonly=readonly, hostname=hostname, open_stdin=open_stdin,
             container_exec_id="" if exec_id == self.id else self.id, capabilities=limits.capabilities,
             rlimits=limits.rlimits, no_new_privileges=limits.no_new_privileges, mounts=self.guest_mounts,
-            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, sysctls=spec.sysctls, ctx=ctx)
+            readonly_paths=spec.readonly_paths, masked_paths=spec.masked_paths, sysctls=spec.sysctls,
+            terminal=process.terminal, ctx=ctx)
 
     # ---- serving ------------------------------------------------------------
 
@@ -191,6 +208,7 @@ class Shim:
                 await self._write_output(out.exec_id, out.stream, out.data)
             elif kind == "process_exited":
                 exited = event.process_exited
+                await self._console_done(exited.exec_id)  # after its last output, written above
                 if exited.exec_id == self.id:
                     self.state.status = Status.STOPPED
                     self.state.exit_status = exited.exit_status
@@ -313,13 +331,21 @@ class Shim:
             raise ContainerError(f"exec needs the caller's stdin, stdout and stderr attached, got {len(fds)} fds")
         exec_id = str(request["exec_id"])
         process = parse_process(request["process"], "exec")
-        stdin = fds[0] if stdin_relay.is_readable_stdin(fds[0]) else None
+        console_socket = str(request.get("console_socket") or "")
+        self._check_terminal(process, console_socket)
+        # A terminal's input and output go through the engine's pty, not the caller's stdio.
+        stdin = fds[0] if not process.terminal and stdin_relay.is_readable_stdin(fds[0]) else None
         exit_status = asyncio.get_running_loop().create_future()
         self.exec_exits[exec_id] = exit_status
-        self.outputs[exec_id] = {STDOUT: fds[1], STDERR: fds[2]}
+        if not process.terminal:
+            self.outputs[exec_id] = {STDOUT: fds[1], STDERR: fds[2]}
         watch = relay = None
         try:
+            if process.terminal:
+                await self._open_console(exec_id, console_socket)
             await self._create_process(exec_id, process, None, open_stdin=stdin is not None)
+            await self._console_created(exec_id)
+            self._relay_console(exec_id)
             await self.vm.agent.start_process(exec_id)
             self.exec_holders[exec_id] = channel.peer_pid()
             await send({"ok": True})
@@ -335,6 +361,7 @@ class Shim:
             self.exec_exits.pop(exec_id, None)
             self.outputs.pop(exec_id, None)
             self.exec_holders.pop(exec_id, None)
+            await self._console_done(exec_id)
 
     async def _watch_exec(self, exec_id: str, channel: control.ExecChannel, exit_status: asyncio.Future) -> None:
         async for message in channel.messages():
@@ -395,6 +422,64 @@ class Shim:
         """The shim's own exit status: its container process's."""
         return KILLED_STATUS if self.state.exit_status is None else self.state.exit_status
 
+    # ---- terminals ----------------------------------------------------------
+
+    @staticmethod
+    def _check_terminal(process: ProcessSpec, console_socket: str) -> None:
+        """runc's rule: a terminal needs a console socket to send it to, and only a terminal uses one."""
+        if process.terminal and not console_socket:
+            raise ContainerError("process.terminal is true but no --console-socket was given: pass the engine's "
+                                 "socket for the terminal, or set process.terminal to false")
+        if console_socket and not process.terminal:
+            raise ContainerError(f"--console-socket {console_socket} was given but process.terminal is false: "
+                                 "set process.terminal to true, or leave the console socket out")
+
+    async def _open_console(self, exec_id: str, console_socket: str) -> None:
+        """The host pty whose master goes to the engine now; the process's output goes to its slave."""
+        console = await asyncio.to_thread(HostConsole.open, console_socket)  # a slow engine stalls no one else
+        self.consoles[exec_id] = console
+        self.outputs[exec_id] = {STDOUT: console.fd}
+
+    async def _console_created(self, exec_id: str) -> None:
+        """The window size the engine set already, before the process starts (runc does the same)."""
+        console = self.consoles.get(exec_id)
+        size = console.size_change() if console is not None else None
+        if size is not None:
+            await self.vm.agent.resize_console(exec_id, *size)
+
+    def _relay_console(self, exec_id: str) -> None:
+        """Input and window sizes from the engine's pty to the process's, while it runs."""
+        console = self.consoles.get(exec_id)
+        if console is not None:
+            self.console_relays[exec_id] = self._spawn(self._relay_until_hangup(exec_id, console),
+                                                       f"console-{exec_id}")
+
+    async def _relay_until_hangup(self, exec_id: str, console: HostConsole) -> None:
+        assert self.vm is not None, "consoles are relayed once the process exists"
+        agent = self.vm.agent
+        sizes = asyncio.ensure_future(console.watch_size(lambda rows, cols: agent.resize_console(exec_id, rows, cols)))
+        try:
+            await console.relay_input(lambda data: agent.write_stdin(exec_id, data))
+            # The engine closed its master: as when a terminal hangs up, the process gets SIGHUP.
+            log.info("the engine closed the terminal of %s: sending it SIGHUP", exec_id)
+            await agent.signal_process(exec_id, signal.SIGHUP)
+        except AgentError as err:
+            log.info("terminal of %s: %s", exec_id, err)  # it exited meanwhile
+        finally:
+            sizes.cancel()
+            await asyncio.gather(sizes, return_exceptions=True)
+
+    async def _console_done(self, exec_id: str) -> None:
+        """The process exited (its output is written): the engine reads the end of its terminal."""
+        relay = self.console_relays.pop(exec_id, None)
+        if relay is not None:
+            relay.cancel()
+            await asyncio.gather(relay, return_exceptions=True)
+        console = self.consoles.pop(exec_id, None)
+        if console is not None:
+            self.outputs.pop(exec_id, None)
+            console.close()
+
     async def teardown(self) -> None:
         """Stops the VM, removes the rootfs bind mount and the VM's run directory (once; callers
         that come later wait for the first)."""
@@ -404,6 +489,8 @@ class Shim:
 
     async def _teardown_once(self) -> None:
         self.stopping = True
+        for exec_id in list(self.consoles):
+            await self._console_done(exec_id)
         sharedfs.unbind(self.state.share_mount, self.state.share_mount_id)
         hostside.unbind_all(self.state.host_mounts)  # ENGINE WIRING (teardown 1/2)
         # Gone: a later cleanup from the saved state must not unmount by IDs the kernel may since
@@ -429,6 +516,7 @@ class Shim:
         server.listen(LISTEN_BACKLOG)
         server.setblocking(False)
         listening()
+        self._relay_console(self.id)
         self._spawn(self.relay_events(), "relay", critical=True)
         self._spawn(self._accept(server), "accept", critical=True)
         if self.stdin_fd is not None:
@@ -495,7 +583,8 @@ async def run_shim(store: StateStore, config: RuntimeConfig, container_id: str, 
                    lock_fd: int = -1, console_socket: str = "") -> int:
     """Creates the container and serves it until it has stopped; returns its exit status. `lock_fd`,
     the container's lock shared with the create command, is held until create has succeeded or
-    cleaned up, so a delete waits for that."""
+    cleaned up, so a delete waits for that.
+    `console_socket`: where the engine takes the container's terminal (process.terminal)."""
     shim = Shim(store, config, container_id, bundle, console_socket=console_socket)
 
     def report(message: dict[str, Any]) -> None:

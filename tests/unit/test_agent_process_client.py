@@ -139,3 +139,24 @@ def test_wait_process_has_no_default_timeout():
 
     assert inspect.signature(AgentClient.wait_process).parameters["timeout_s"].default is None
     assert inspect.signature(AgentClient.start_process).parameters["timeout_s"].default is not None
+
+
+def test_a_terminal_process_with_its_size_set_before_start(agent):
+    async def body():
+        client = AgentClient(agent.path)
+        await client.connect(5)
+        try:
+            await client.create_process(**_process("t1", ["sh", "-c", "stty size; read line; echo got $line"]),
+                                        terminal=True)
+            await client.resize_console("t1", 40, 120)
+            await client.start_process("t1")
+            await client.write_stdin("t1", b"typed\n")
+            stdout, stderr, status = await _collect(client, "t1")
+            # The echo comes as the line is typed: before or after stty's output.
+            assert sorted(stdout.split(b"\r\n")) == [b"", b"40 120", b"got typed", b"typed"]
+            assert (stdout.endswith(b"got typed\r\n"), stderr, status) == (True, b"", 0)
+            with pytest.raises(AgentError, match="process 't1' is not running"):
+                await client.resize_console("t1", 1, 1)
+        finally:
+            await client.close()
+    asyncio.run(body())
