@@ -16,7 +16,7 @@ from typing import Any
 from opentelemetry.context import Context
 
 from factory import ownership, sharedfs, tracing
-from factory.agent.client import AgentClient
+from factory.agent.client import REQUEST_TIMEOUT_S, AgentClient
 from factory.config import VMConfig
 from factory.errors import AgentError, AgentTimeoutError, BootError, HypervisorError
 from factory.hypervisor.qemu import Qemu, QemuState
@@ -31,6 +31,10 @@ LIVENESS_POLL_S = 0.05
 EXIT_GRACE_S = 2.0
 # One try of the post-resume handshake; a resumed guest answers in tens of ms.
 HANDSHAKE_TRY_S = 0.2
+# A handoff sets the guest clock to the host time at sending, so the guest is behind by however
+# long it took to handle it (a fresh TCG clone: ~0.1 s). A reply slower than this is followed by
+# one more clock set, which the now-warm guest answers in a few ms.
+CLOCK_RESYNC_AFTER_S = 0.03
 
 _TRACER = "kata_vmfactory.vm"
 
@@ -205,12 +209,50 @@ class VM:
                             f"{self.memory_mib} MiB wanted): {err}; stop this VM and take another") from None
         self.cpu_delta = 0
 
+    async def resume_for_owner(self, ctx: Context | None = None) -> None:
+        """Resumes the guest for whoever takes it (a clone, a cache or VMCache hand-out): running,
+        RNG reseeded, clock set and agent answering, in one agent round trip.
+
+        The handoff request is sent before QMP `cont`, so the agent finds it waiting as soon as
+        the guest runs. On a new connection it is repeated, like handshake()'s Check: the guest may
+        first drop what arrived with the previous owner's disconnect (reseeding twice is harmless).
+        """
+        with tracing.span(_TRACER, "vm.Handoff", ctx, subsystem="vm", vm_id=self.id) as span_ctx:
+            fresh_connection = self.needs_handshake
+            deadline = time.monotonic() + self.config.agent.dial_timeout_s
+            sent = time.monotonic()
+            attempt = asyncio.ensure_future(self._handoff_once(fresh_connection, span_ctx))
+            await asyncio.sleep(0)  # the attempt's first step writes the request: it leaves before `cont`
+            try:
+                await self.hypervisor.resume(span_ctx)
+            except BaseException:
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
+                raise
+            while True:
+                try:
+                    await attempt
+                    break
+                except AgentTimeoutError as err:
+                    if not fresh_connection or time.monotonic() > deadline:
+                        raise
+                    if not self.hypervisor.is_alive():
+                        raise BootError(f"VM {self.id}: QEMU exited while resuming\n"
+                                        f"guest console (last lines):\n"
+                                        f"{tail(self.hypervisor.run.console_log)}") from err
+                sent = time.monotonic()
+                attempt = asyncio.ensure_future(self._handoff_once(fresh_connection, span_ctx))
+            self.needs_handshake = False
+            if time.monotonic() - sent > CLOCK_RESYNC_AFTER_S:
+                await self.sync_time(span_ctx)
+
+    async def _handoff_once(self, fresh_connection: bool, ctx: Context | None) -> None:
+        now_ns = time.time_ns()
+        await self.agent.handoff(os.urandom(RESEED_BYTES), now_ns // 1_000_000_000, (now_ns // 1000) % 1_000_000,
+                                 timeout_s=HANDSHAKE_TRY_S if fresh_connection else REQUEST_TIMEOUT_S, ctx=ctx)
+
     async def reseed_rng(self, ctx: Context | None = None) -> None:
         await self.agent.reseed_random_dev(os.urandom(RESEED_BYTES), ctx=ctx)
-
-    async def reseed_and_sync_time(self, ctx: Context | None = None) -> None:
-        """Both at once: the agent answers them in order, one round trip fewer."""
-        await asyncio.gather(self.reseed_rng(ctx), self.sync_time(ctx))
 
     async def sync_time(self, ctx: Context | None = None) -> None:
         now_ns = time.time_ns()

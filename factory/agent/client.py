@@ -181,6 +181,13 @@ class AgentClient:
         await self._call("SetGuestDateTime", "set_guest_date_time",
                          agent_pb2.SetGuestDateTimeRequest(sec=sec, usec=usec), timeout_s, ctx)
 
+    async def handoff(self, data: bytes, sec: int, usec: int, timeout_s: float = REQUEST_TIMEOUT_S,
+                      ctx: Context | None = None) -> agent_pb2.HandoffReply:
+        """Reseed with `data`, set the clock and check, in one round trip (a VM resumed for a new owner)."""
+        reply = await self._call("Handoff", "handoff", agent_pb2.HandoffRequest(data=data, sec=sec, usec=usec),
+                                 timeout_s, ctx)
+        return cast(agent_pb2.HandoffReply, reply)
+
     async def online_cpu_mem(self, nb_cpus: int = 0, cpu_only: bool = False, wait: bool = False,
                              memory_mib: int = 0, timeout_s: float = REQUEST_TIMEOUT_S,
                              ctx: Context | None = None) -> agent_pb2.OnlineCPUMemReply:

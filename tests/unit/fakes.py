@@ -79,6 +79,9 @@ class FakeAgent:
     async def set_guest_date_time(self, sec, usec, ctx=None):
         self._record("set_time")
 
+    async def handoff(self, data, sec, usec, timeout_s=None, ctx=None):
+        self._record("handoff")
+
     async def online_cpu_mem(self, nb_cpus=0, cpu_only=False, wait=False, memory_mib=0, ctx=None):
         self._record(f"online {nb_cpus}")
 
