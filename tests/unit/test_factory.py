@@ -27,14 +27,22 @@ def test_an_incompatible_field_is_named():
         check_vm_config(_config().valid(), _config(kernel_params="debug").valid())
 
 
-def test_get_vm_resumes_reseeds_and_sets_the_clock(monkeypatch):
+def test_get_vm_resumes_reseeds_and_sets_the_clock_in_one_handoff(monkeypatch):
     made = fakes.install(monkeypatch)
+    sent_before_cont = []
+    original_resume = fakes.FakeQemu.resume
+
+    async def resume(self, ctx=None):
+        sent_before_cont.append(list(made[-1].agent.calls))
+        await original_resume(self, ctx)
+    monkeypatch.setattr(fakes.FakeQemu, "resume", resume)
 
     async def body():
         factory = Factory(DirectFactory(_config().valid()))
         vm = await factory.get_vm(_config())
         assert vm.hypervisor.calls == ["pause", "resume"]
-        assert vm.agent.calls == ["check", "reseed", "set_time"]
+        assert vm.agent.calls == ["handoff"]  # reseed + clock + check: one round trip
+        assert sent_before_cont == [["handoff"]]  # on its way before `cont`
         assert len(made) == 1
     asyncio.run(body())
 
@@ -84,7 +92,7 @@ def test_an_incompatible_request_gets_a_running_direct_vm(monkeypatch):
     async def body():
         vm = await Factory(Refuses()).get_vm(_config(kernel_params="other"))
         assert vm.hypervisor.calls == ["pause", "resume"]  # upstream leaves it paused
-        assert vm.agent.calls == ["check", "reseed", "set_time"]
+        assert vm.agent.calls == ["handoff"]
         assert vm.config.hypervisor.kernel_params == "other"
     asyncio.run(body())
     assert len(made) == 1
@@ -96,12 +104,12 @@ def test_a_failure_after_the_vm_exists_stops_it(monkeypatch):
 
     def failing_vm(config):
         vm = original(config)
-        vm.agent.fail_on = "reseed"
+        vm.agent.fail_on = "handoff"
         return vm
     monkeypatch.setattr(fakes, "fake_vm", failing_vm)
 
     async def body():
-        with pytest.raises(RuntimeError, match="agent reseed failed"):
+        with pytest.raises(RuntimeError, match="agent handoff failed"):
             await Factory(DirectFactory(_config().valid())).get_vm(_config())
     asyncio.run(body())
     assert made[0].hypervisor.stopped
@@ -140,6 +148,26 @@ def test_cache_keeps_n_ready_and_refills_after_a_hand_out():
         assert all(v.hypervisor.stopped for v in base.built if v.id not in handed)
         assert not vm.hypervisor.stopped  # a handed-out VM belongs to its taker
         assert [o.kind for o in vm.hypervisor.owners] == [OwnerKind.DIRECT]  # and says so on record
+    asyncio.run(body())
+
+
+def test_get_vm_from_a_cache_refills_only_once_the_vm_is_set_up():
+    async def body():
+        base = _FlakyBase()
+        factory = Factory(CacheFactory(base, 1))
+        await _until(lambda: len(factory.status()) == 1)
+        pooled = base.built[0]
+        built_during_handoff = []
+        original = pooled.agent.handoff
+
+        async def handoff(*args, **kwargs):
+            built_during_handoff.append(len(base.built))
+            await original(*args, **kwargs)
+        pooled.agent.handoff = handoff
+        vm = await factory.get_vm(_config())
+        assert vm is pooled and built_during_handoff == [1]  # no refill competing with the hand-out
+        await _until(lambda: len(base.built) == 2)  # then the slot refills
+        await factory.close()
     asyncio.run(body())
 
 
