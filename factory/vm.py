@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 from factory import ownership, sharedfs, tracing
 from factory.agent.client import REQUEST_TIMEOUT_S, AgentClient
 from factory.config import VMConfig
-from factory.errors import AgentError, AgentTimeoutError, BootError, HypervisorError
+from factory.errors import AgentError, AgentTimeoutError, AgentUnsupportedError, BootError, HypervisorError
 from factory.hypervisor.qemu import Qemu, QemuState
 from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, tail
 from hostos import process
@@ -233,6 +233,12 @@ class VM:
                 try:
                     await attempt
                     break
+                except AgentUnsupportedError:
+                    # An agent from before the handoff request (a VMCache server's VM made from an
+                    # older image): it answered, so the channel works; the rest as it used to be.
+                    self.needs_handshake = False
+                    await asyncio.gather(self.reseed_rng(span_ctx), self.sync_time(span_ctx))
+                    return
                 except AgentTimeoutError as err:
                     if not fresh_connection or time.monotonic() > deadline:
                         raise

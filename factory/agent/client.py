@@ -15,7 +15,7 @@ from typing import Any, Sequence, cast
 from opentelemetry.context import Context
 
 from factory import tracing
-from factory.errors import AgentError, AgentTimeoutError
+from factory.errors import AgentError, AgentTimeoutError, AgentUnsupportedError
 from protocols.agent import agent_pb2, framing
 
 # Guest work under TCG is slow (a request takes a few ms, hot-plug onlining
@@ -157,7 +157,9 @@ class AgentClient:
             finally:
                 self._pending.pop(request_id, None)
             if response.error:
-                raise AgentError(f"guest agent refused {name}: {response.error}")
+                error = (AgentUnsupportedError if response.error.startswith(framing.UNSUPPORTED_REQUEST)
+                         else AgentError)
+                raise error(f"guest agent refused {name}: {response.error}")
             return getattr(response, field)
 
     # ---- requests ------------------------------------------------------------

@@ -22,7 +22,7 @@ from guest.agent.messages import RequestError, reply_message, response_message
 from guest.agent.processes import ProcessTable
 from guest.agent.uevent import Uevent
 from protocols.agent import agent_pb2
-from protocols.agent.framing import PROTOCOL_VERSION, OversizedFrame
+from protocols.agent.framing import PROTOCOL_VERSION, UNSUPPORTED_REQUEST, OversizedFrame
 
 # ioctl RNDRESEEDCRNG (_IO('R', 0x07)): make the CRNG reseed now from the pool we just fed, so
 # bytes read right after the request already differ between clones.
@@ -101,7 +101,7 @@ class AgentHandler:
             return [
                 response_message(
                     request.id,
-                    f"unsupported request (no known request set in Request {request.id}); this agent "
+                    f"{UNSUPPORTED_REQUEST} (no known request set in Request {request.id}); this agent "
                     f"{AGENT_VERSION} speaks protocol version {PROTOCOL_VERSION}",
                 )
             ]

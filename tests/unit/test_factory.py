@@ -47,6 +47,24 @@ def test_get_vm_resumes_reseeds_and_sets_the_clock_in_one_handoff(monkeypatch):
     asyncio.run(body())
 
 
+def test_an_agent_from_before_the_handoff_request_is_reseeded_and_clocked_as_before(monkeypatch):
+    made = fakes.install(monkeypatch)
+    original = fakes.fake_vm
+
+    def old_agent_vm(config):
+        vm = original(config)
+        vm.agent.predates_handoff = True
+        return vm
+    monkeypatch.setattr(fakes, "fake_vm", old_agent_vm)
+
+    async def body():
+        vm = await Factory(DirectFactory(_config().valid())).get_vm(_config())
+        assert vm.agent.calls == ["handoff", "reseed", "set_time"]
+        assert not vm.needs_handshake
+    asyncio.run(body())
+    assert len(made) == 1
+
+
 def test_a_larger_request_is_hot_plugged_and_recorded():
     async def body():
         factory = Factory(_FlakyBase())  # hands out VMs of the base size, as a template does
