@@ -11,6 +11,7 @@ import dataclasses
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.context import Context
@@ -20,7 +21,7 @@ from factory.agent.client import REQUEST_TIMEOUT_S, AgentClient
 from factory.config import VMConfig
 from factory.errors import AgentError, AgentTimeoutError, AgentUnsupportedError, BootError, HypervisorError
 from factory.hypervisor.qemu import Qemu, QemuState
-from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, tail
+from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir, tail
 from hostos import process
 
 # Entropy sent to the guest after every clone or hand-off (upstream: 512 bytes).
@@ -273,17 +274,29 @@ class VM:
     @classmethod
     async def attach(cls, config: VMConfig, state: QemuState, cpu: int, memory_mib: int, cpu_delta: int,
                      ctx: Context | None = None) -> "VM":
-        """Takes over a VM another process started and disconnected from."""
-        qemu = await Qemu.from_state(state, ctx)
-        vm = cls(config, qemu, AgentClient(str(qemu.run.agent_socket)), cpu, memory_mib, cpu_delta)
+        """Takes over a VM another process started and disconnected from.
+
+        QMP and the agent channel are connected at the same time (each is a socket connect and,
+        for QMP, a greeting); the first failure cancels the other and releases what connected."""
+        if not process.is_alive(state.pid, state.pid_start_time):
+            raise HypervisorError(f"VM {state.id}: QEMU pid {state.pid} is not running")
+        agent = AgentClient(str(RunDir(Path(state.run_root), state.id).agent_socket))
+        qmp = asyncio.ensure_future(Qemu.from_state(state, ctx))
+        channel = asyncio.ensure_future(agent.connect(config.agent.dial_timeout_s))
         try:
+            await asyncio.gather(qmp, channel)
+            qemu = qmp.result()
             # Ours now: the giver may exit (or be killed) without taking it along.
             qemu.record_owner(ownership.current())
-            await vm.agent.connect(config.agent.dial_timeout_s)
-        except (AgentError, HypervisorError):
-            await qemu.disconnect()
+        except BaseException:
+            for task in (qmp, channel):
+                task.cancel()
+            await asyncio.gather(qmp, channel, return_exceptions=True)
+            if qmp.done() and not qmp.cancelled() and qmp.exception() is None:
+                await qmp.result().disconnect()
+            await agent.close()
             raise
-        return vm
+        return cls(config, qemu, agent, cpu, memory_mib, cpu_delta)
 
 
 async def stop_recorded(record: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -9,9 +10,11 @@ from factory import cache as cache_module
 from factory.base import FactoryBase
 from factory.cache import CacheFactory
 from factory.direct import DirectFactory
-from factory.errors import ConfigError, FactoryError
+from factory.errors import ConfigError, FactoryError, HypervisorError
 from factory.factory import Factory, FactoryConfig, Mode, check_vm_config, new_factory
+from factory.hypervisor.qemu import QemuState
 from factory.ownership import OwnerKind
+from factory.vm import VM
 from tests.unit import fakes
 from tests.unit.fakes import FlakyBase as _FlakyBase
 from tests.unit.fakes import config as _config
@@ -247,3 +250,11 @@ def test_a_lease_refills_its_slot_once_and_a_given_back_vm_is_stopped():
     asyncio.run(returned.give_back())
     returned.commit()
     assert refills == [1, 2] and returned.vm.stopped == 1
+
+
+def test_attaching_a_dead_vm_fails_at_once_instead_of_waiting_for_its_agent(tmp_path):
+    # This process with another start time: a pid that was recycled since the VM was recorded.
+    state = QemuState(id="gone", run_root=str(tmp_path), pid=os.getpid(), pid_start_time=1, accelerator="tcg",
+                      num_vcpus=1, max_vcpus=1, memory_mib=512, max_memory_mib=512, memory_slots=1)
+    with pytest.raises(HypervisorError, match=f"QEMU pid {os.getpid()} is not running"):
+        asyncio.run(asyncio.wait_for(VM.attach(_config().valid(), state, 1, 512, 0), 5))
