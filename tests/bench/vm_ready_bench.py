@@ -116,7 +116,7 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
                 await server.start()
                 extra["vmcache_start_s"] = await server.wait_full()
                 client_config = FactoryConfig(mode=Mode.VMCACHE_CLIENT, vm_cache_endpoint=server.socket,
-                                              vm_config=request, run_root=run_root)
+                                              vm_config=request, run_root=server.run_root)
                 client = await new_factory(client_config)
                 for i in range(clone_runs + 1):
                     await server.wait_full()
@@ -159,8 +159,9 @@ def _report(section: common.Section, samples: dict[str, list[float]],
     section.tables.append(common.Table(
         "VM ready latency: get_vm → running, RNG reseeded, clock set, agent answered",
         ["strategy", "runs", "p50", "p90", "min", "max"], rows,
-        "cache and VMCache: each get_vm waits until the pool is full, then is timed; the taken "
-        "slot's refill (a clone) starts at once and competes for the cores during the rest of get_vm."))
+        "cache and VMCache: each get_vm waits until the pool is full, then is timed. The taken slot's "
+        "refill (a clone) starts once get_vm has set the VM up (cache) or once the GetBaseVM reply is out "
+        "(VMCache: it then competes for the cores during the rest of get_vm)."))
 
     medians: dict[str, dict[str, float]] = {}
     for key, _, _ in STRATEGIES:
