@@ -68,6 +68,7 @@ AGENT_ENTRY = "guest.agent.main"
 # Run in the probe after importing the entry module, so that what protobuf imports lazily on
 # the first (de)serialization is packed too.
 AGENT_EXERCISE = """
+from guest.agent import lazyimports  # the launcher's, packed with what it imports
 from protocols.agent import agent_pb2
 from protocols.agent.framing import FrameDecoder, encode_frame
 request = agent_pb2.Request(id=1, check=agent_pb2.CheckRequest())
@@ -210,7 +211,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         "--source-root", action="append", default=[],
         help="directory the agent sources' import paths are relative to (repeat; default: the current directory)",
     )
-    parser.add_argument("--python", default=None, help="interpreter to pack (default: the venv's base interpreter)")
+    parser.add_argument("--python", default=None,
+                        help="interpreter to pack (default: /usr/bin/pythonX.Y of this version, else the venv's base)")
     parser.add_argument(
         "--protobuf-impl", choices=("upb", "python"), default=DEFAULT_PROTOBUF_IMPL,
         help="upb (default): protobuf's C extension (needs libstdc++); python: its pure-Python implementation",
