@@ -51,6 +51,11 @@ class FactoryBase(abc.ABC):
     async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:
         """A paused VM."""
 
+    async def take_base_vm(self, config: VMConfig, ctx: Context | None = None) -> Lease:
+        """A paused VM for this process, on lease: commit it once it is set up for use. A pool
+        refills only then, so the refill's QEMU start does not compete with the hand-out."""
+        return Lease(await self.get_base_vm(config, ctx), _nothing)
+
     async def lease(self, ctx: Context | None = None) -> Lease:
         """A paused VM for another process to take over (VMCache's GetBaseVM): commit the lease
         once it is handed over, give it back if not. Only a pool has anything to refill."""

@@ -132,8 +132,7 @@ class CacheFactory(FactoryBase):
         The hand-out still reseeds and sets the clock.
         """
         try:
-            await vm.resume()
-            await vm.reseed_and_sync_time()
+            await vm.resume_for_owner()
             await vm.pause()
         except BaseException:
             await vm.stop()
@@ -158,12 +157,19 @@ class CacheFactory(FactoryBase):
         slot.taken.set()  # the worker builds a new one
 
     async def get_base_vm(self, config: VMConfig, ctx: Context | None = None) -> VM:
-        lease = await self.take(ctx)
+        lease = await self.take_base_vm(config, ctx)
         lease.commit()
-        vm = lease.vm
-        # Out of the pool: the caller's now, as whatever it acts as.
-        vm.hypervisor.record_owner(ownership.current())
-        return vm
+        return lease.vm
+
+    async def take_base_vm(self, config: VMConfig, ctx: Context | None = None) -> Lease:
+        lease = await self.take(ctx)
+        try:
+            # Out of the pool: the caller's now, as whatever it acts as.
+            lease.vm.hypervisor.record_owner(ownership.current())
+        except BaseException:
+            await lease.give_back()
+            raise
+        return lease
 
     async def lease(self, ctx: Context | None = None) -> Lease:
         return await self.take(ctx)

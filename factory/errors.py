@@ -31,3 +31,7 @@ class AgentError(FactoryError):
 
 class AgentTimeoutError(AgentError):
     """The guest agent did not answer within a bounded time."""
+
+
+class AgentUnsupportedError(AgentError):
+    """The guest agent is older than the request (it answered "unsupported request")."""

@@ -105,16 +105,18 @@ class Factory:
             except ConfigError as err:
                 log.info("fallback to direct factory vm: %s", err)
                 source = DirectFactory(config, self.run_root)
-            vm = await source.get_base_vm(config, span_ctx)
-            if not vm.hypervisor.is_alive():
+            # On lease: a pool refills once this VM is set up, not while it is (see take_base_vm).
+            lease = await source.take_base_vm(config, span_ctx)
+            if not lease.vm.hypervisor.is_alive():
                 # Died between hand-out and now (killed, OOM): one more try.
-                log.warning("base VM %s died before use; taking another", vm.id)
-                await vm.stop(span_ctx)
-                vm = await source.get_base_vm(config, span_ctx)
+                log.warning("base VM %s died before use; taking another", lease.vm.id)
+                lease.commit()
+                await lease.vm.stop(span_ctx)
+                lease = await source.take_base_vm(config, span_ctx)
+            vm = lease.vm
             try:
                 # Upstream returns the fallback VM paused; every path resumes here.
-                await vm.resume(span_ctx)
-                await vm.reseed_and_sync_time(span_ctx)
+                await vm.resume_for_owner(span_ctx)
                 # Against the VM's own size, not the base config's: a direct
                 # VM was booted at the requested size already (upstream adds
                 # the difference again).
@@ -131,6 +133,8 @@ class Factory:
                 log.info("clean up vm %s", vm.id)
                 await vm.stop(span_ctx)
                 raise
+            finally:
+                lease.commit()
             return vm
 
 

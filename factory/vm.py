@@ -11,16 +11,17 @@ import dataclasses
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.context import Context
 
 from factory import ownership, sharedfs, tracing
-from factory.agent.client import AgentClient
+from factory.agent.client import REQUEST_TIMEOUT_S, AgentClient
 from factory.config import VMConfig
-from factory.errors import AgentError, AgentTimeoutError, BootError, HypervisorError
+from factory.errors import AgentError, AgentTimeoutError, AgentUnsupportedError, BootError, HypervisorError
 from factory.hypervisor.qemu import Qemu, QemuState
-from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, tail
+from factory.hypervisor.rundir import DEFAULT_RUN_ROOT, RunDir, tail
 from hostos import process
 
 # Entropy sent to the guest after every clone or hand-off (upstream: 512 bytes).
@@ -31,6 +32,10 @@ LIVENESS_POLL_S = 0.05
 EXIT_GRACE_S = 2.0
 # One try of the post-resume handshake; a resumed guest answers in tens of ms.
 HANDSHAKE_TRY_S = 0.2
+# A handoff sets the guest clock to the host time at sending, so the guest is behind by however
+# long it took to handle it (a fresh TCG clone: ~0.1 s). A reply slower than this is followed by
+# one more clock set, which the now-warm guest answers in a few ms.
+CLOCK_RESYNC_AFTER_S = 0.03
 
 _TRACER = "kata_vmfactory.vm"
 
@@ -205,12 +210,56 @@ class VM:
                             f"{self.memory_mib} MiB wanted): {err}; stop this VM and take another") from None
         self.cpu_delta = 0
 
+    async def resume_for_owner(self, ctx: Context | None = None) -> None:
+        """Resumes the guest for whoever takes it (a clone, a cache or VMCache hand-out): running,
+        RNG reseeded, clock set and agent answering, in one agent round trip.
+
+        The handoff request is sent before QMP `cont`, so the agent finds it waiting as soon as
+        the guest runs. On a new connection it is repeated, like handshake()'s Check: the guest may
+        first drop what arrived with the previous owner's disconnect (reseeding twice is harmless).
+        """
+        with tracing.span(_TRACER, "vm.Handoff", ctx, subsystem="vm", vm_id=self.id) as span_ctx:
+            fresh_connection = self.needs_handshake
+            deadline = time.monotonic() + self.config.agent.dial_timeout_s
+            sent = time.monotonic()
+            attempt = asyncio.ensure_future(self._handoff_once(fresh_connection, span_ctx))
+            await asyncio.sleep(0)  # the attempt's first step writes the request: it leaves before `cont`
+            try:
+                await self.hypervisor.resume(span_ctx)
+            except BaseException:
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
+                raise
+            while True:
+                try:
+                    await attempt
+                    break
+                except AgentUnsupportedError:
+                    # An agent from before the handoff request (a VMCache server's VM made from an
+                    # older image): it answered, so the channel works; the rest as it used to be.
+                    self.needs_handshake = False
+                    await asyncio.gather(self.reseed_rng(span_ctx), self.sync_time(span_ctx))
+                    return
+                except AgentTimeoutError as err:
+                    if not fresh_connection or time.monotonic() > deadline:
+                        raise
+                    if not self.hypervisor.is_alive():
+                        raise BootError(f"VM {self.id}: QEMU exited while resuming\n"
+                                        f"guest console (last lines):\n"
+                                        f"{tail(self.hypervisor.run.console_log)}") from err
+                sent = time.monotonic()
+                attempt = asyncio.ensure_future(self._handoff_once(fresh_connection, span_ctx))
+            self.needs_handshake = False
+            if time.monotonic() - sent > CLOCK_RESYNC_AFTER_S:
+                await self.sync_time(span_ctx)
+
+    async def _handoff_once(self, fresh_connection: bool, ctx: Context | None) -> None:
+        now_ns = time.time_ns()
+        await self.agent.handoff(os.urandom(RESEED_BYTES), now_ns // 1_000_000_000, (now_ns // 1000) % 1_000_000,
+                                 timeout_s=HANDSHAKE_TRY_S if fresh_connection else REQUEST_TIMEOUT_S, ctx=ctx)
+
     async def reseed_rng(self, ctx: Context | None = None) -> None:
         await self.agent.reseed_random_dev(os.urandom(RESEED_BYTES), ctx=ctx)
-
-    async def reseed_and_sync_time(self, ctx: Context | None = None) -> None:
-        """Both at once: the agent answers them in order, one round trip fewer."""
-        await asyncio.gather(self.reseed_rng(ctx), self.sync_time(ctx))
 
     async def sync_time(self, ctx: Context | None = None) -> None:
         now_ns = time.time_ns()
@@ -225,17 +274,29 @@ class VM:
     @classmethod
     async def attach(cls, config: VMConfig, state: QemuState, cpu: int, memory_mib: int, cpu_delta: int,
                      ctx: Context | None = None) -> "VM":
-        """Takes over a VM another process started and disconnected from."""
-        qemu = await Qemu.from_state(state, ctx)
-        vm = cls(config, qemu, AgentClient(str(qemu.run.agent_socket)), cpu, memory_mib, cpu_delta)
+        """Takes over a VM another process started and disconnected from.
+
+        QMP and the agent channel are connected at the same time (each is a socket connect and,
+        for QMP, a greeting); the first failure cancels the other and releases what connected."""
+        if not process.is_alive(state.pid, state.pid_start_time):
+            raise HypervisorError(f"VM {state.id}: QEMU pid {state.pid} is not running")
+        agent = AgentClient(str(RunDir(Path(state.run_root), state.id).agent_socket))
+        qmp = asyncio.ensure_future(Qemu.from_state(state, ctx))
+        channel = asyncio.ensure_future(agent.connect(config.agent.dial_timeout_s))
         try:
+            await asyncio.gather(qmp, channel)
+            qemu = qmp.result()
             # Ours now: the giver may exit (or be killed) without taking it along.
             qemu.record_owner(ownership.current())
-            await vm.agent.connect(config.agent.dial_timeout_s)
-        except (AgentError, HypervisorError):
-            await qemu.disconnect()
+        except BaseException:
+            for task in (qmp, channel):
+                task.cancel()
+            await asyncio.gather(qmp, channel, return_exceptions=True)
+            if qmp.done() and not qmp.cancelled() and qmp.exception() is None:
+                await qmp.result().disconnect()
+            await agent.close()
             raise
-        return vm
+        return cls(config, qemu, agent, cpu, memory_mib, cpu_delta)
 
 
 async def stop_recorded(record: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, cast
 from opentelemetry.context import Context
 
 from factory import tracing
-from factory.errors import AgentError, AgentTimeoutError
+from factory.errors import AgentError, AgentTimeoutError, AgentUnsupportedError
 from protocols.agent import agent_pb2, framing
 
 # Guest work under TCG is slow (a request takes a few ms, hot-plug onlining
@@ -157,7 +157,9 @@ class AgentClient:
             finally:
                 self._pending.pop(request_id, None)
             if response.error:
-                raise AgentError(f"guest agent refused {name}: {response.error}")
+                error = (AgentUnsupportedError if response.error.startswith(framing.UNSUPPORTED_REQUEST)
+                         else AgentError)
+                raise error(f"guest agent refused {name}: {response.error}")
             return getattr(response, field)
 
     # ---- requests ------------------------------------------------------------
@@ -180,6 +182,13 @@ class AgentClient:
                                   ctx: Context | None = None) -> None:
         await self._call("SetGuestDateTime", "set_guest_date_time",
                          agent_pb2.SetGuestDateTimeRequest(sec=sec, usec=usec), timeout_s, ctx)
+
+    async def handoff(self, data: bytes, sec: int, usec: int, timeout_s: float = REQUEST_TIMEOUT_S,
+                      ctx: Context | None = None) -> agent_pb2.HandoffReply:
+        """Reseed with `data`, set the clock and check, in one round trip (a VM resumed for a new owner)."""
+        reply = await self._call("Handoff", "handoff", agent_pb2.HandoffRequest(data=data, sec=sec, usec=usec),
+                                 timeout_s, ctx)
+        return cast(agent_pb2.HandoffReply, reply)
 
     async def online_cpu_mem(self, nb_cpus: int = 0, cpu_only: bool = False, wait: bool = False,
                              memory_mib: int = 0, timeout_s: float = REQUEST_TIMEOUT_S,

@@ -14,7 +14,16 @@ from factory.hypervisor.rundir import RunDir
 # panic=-1 with -no-reboot turns a guest panic into a QEMU exit we can report.
 # no_ipi_broadcast=1: under TCG the first hot-added vCPU otherwise takes ~12.5 s to come
 # online (the broadcast IPI does not wake it); with it, 0.4-1.2 s.
-BASE_KERNEL_PARAMS = "console=ttyS0 panic=-1 quiet no_ipi_broadcast=1"
+# The rest is what upstream Kata passes to skip probes a VM never needs. Measured on a direct boot
+# under TCG (QEMU start to agent answered, boots interleaved): all of them 3.89 -> 3.48 s (3 each);
+# cryptomgr.notests + noreplace-smp alone 4.34 -> 3.80 s (2 each), the others within the noise.
+# cryptomgr.notests skips the crypto self-tests; noreplace-smp keeps the SMP lock prefixes instead
+# of patching them out for the one boot CPU and back in for the first hot-added one; tsc=reliable
+# and no_timer_check skip the clocksource watchdog and the timer IRQ check; rcu_expedited shortens
+# boot-time RCU grace periods; the i8042 options stop the PS/2 probe (no keyboard or mouse here).
+BASE_KERNEL_PARAMS = ("console=ttyS0 panic=-1 quiet no_ipi_broadcast=1 "
+                      "tsc=reliable no_timer_check rcupdate.rcu_expedited=1 cryptomgr.notests noreplace-smp "
+                      "i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1")
 
 AGENT_PORT_NAME = "agent.0"
 SHARED_FS_TAG = "kataShared"

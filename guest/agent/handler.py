@@ -22,7 +22,7 @@ from guest.agent.messages import RequestError, reply_message, response_message
 from guest.agent.processes import ProcessTable
 from guest.agent.uevent import Uevent
 from protocols.agent import agent_pb2
-from protocols.agent.framing import PROTOCOL_VERSION, OversizedFrame
+from protocols.agent.framing import PROTOCOL_VERSION, UNSUPPORTED_REQUEST, OversizedFrame
 
 # ioctl RNDRESEEDCRNG (_IO('R', 0x07)): make the CRNG reseed now from the pool we just fed, so
 # bytes read right after the request already differ between clones.
@@ -101,7 +101,7 @@ class AgentHandler:
             return [
                 response_message(
                     request.id,
-                    f"unsupported request (no known request set in Request {request.id}); this agent "
+                    f"{UNSUPPORTED_REQUEST} (no known request set in Request {request.id}); this agent "
                     f"{AGENT_VERSION} speaks protocol version {PROTOCOL_VERSION}",
                 )
             ]
@@ -227,33 +227,48 @@ class AgentHandler:
     def _handle_reseed_random_dev(
         self, request_id: int, request: agent_pb2.ReseedRandomDevRequest
     ) -> agent_pb2.GuestMessage:
-        if not request.data:
+        self._reseed(request.data)
+        return self._reply(request_id, "reseed_random_dev")
+
+    def _handle_set_guest_date_time(
+        self, request_id: int, request: agent_pb2.SetGuestDateTimeRequest
+    ) -> agent_pb2.GuestMessage:
+        self._set_clock(request.sec, request.usec)
+        return self._reply(request_id, "set_guest_date_time")
+
+    def _handle_handoff(self, request_id: int, request: agent_pb2.HandoffRequest) -> agent_pb2.GuestMessage:
+        """Reseed, clock and check in one answer: the one round trip a resumed VM costs its new owner."""
+        self._reseed(request.data)
+        self._set_clock(request.sec, request.usec)
+        message = self._reply(request_id, "handoff")
+        message.response.handoff.agent_version = AGENT_VERSION
+        message.response.handoff.protocol_version = PROTOCOL_VERSION
+        return message
+
+    def _reseed(self, data: bytes) -> None:
+        if not data:
             raise RequestError("data is empty; send host entropy (e.g. 64 bytes of os.urandom)")
         fd = os.open(self.root.urandom, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            written = os.write(fd, request.data)
-            if written != len(request.data):
-                raise RequestError(f"wrote {written} of {len(request.data)} bytes to {self.root.urandom}")
+            written = os.write(fd, data)
+            if written != len(data):
+                raise RequestError(f"wrote {written} of {len(data)} bytes to {self.root.urandom}")
             try:
                 fcntl.ioctl(fd, RNDRESEEDCRNG)
             except OSError as exc:
                 raise RequestError(f"ioctl RNDRESEEDCRNG on {self.root.urandom} failed: {exc}") from exc
         finally:
             os.close(fd)
-        return self._reply(request_id, "reseed_random_dev")
 
-    def _handle_set_guest_date_time(
-        self, request_id: int, request: agent_pb2.SetGuestDateTimeRequest
-    ) -> agent_pb2.GuestMessage:
-        if request.sec <= 0:
-            raise RequestError(f"sec={request.sec} is not a time after 1970; send time.time_ns() // 10**9")
-        if not 0 <= request.usec < 1_000_000:
-            raise RequestError(f"usec={request.usec} is outside 0..999999")
+    def _set_clock(self, sec: int, usec: int) -> None:
+        if sec <= 0:
+            raise RequestError(f"sec={sec} is not a time after 1970; send time.time_ns() // 10**9")
+        if not 0 <= usec < 1_000_000:
+            raise RequestError(f"usec={usec} is outside 0..999999")
         try:
-            self._set_realtime_ns(request.sec * 1_000_000_000 + request.usec * 1000)
+            self._set_realtime_ns(sec * 1_000_000_000 + usec * 1000)
         except OverflowError as exc:
-            raise RequestError(f"sec={request.sec} is out of range for the guest clock") from exc
-        return self._reply(request_id, "set_guest_date_time")
+            raise RequestError(f"sec={sec} is out of range for the guest clock") from exc
 
     def _handle_read_random(self, request_id: int, request: agent_pb2.ReadRandomRequest) -> agent_pb2.GuestMessage:
         if not 0 < request.length <= MAX_READ_RANDOM_BYTES:

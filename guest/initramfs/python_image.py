@@ -42,6 +42,9 @@ ALWAYS_STDLIB_FILES = (
 PYC_OPTIMIZE = 2
 
 LAUNCHER_SOURCE = '''"""Launcher of the kata-vmfactory guest agent (its directory is sys.path[0])."""
+from guest.agent import lazyimports
+
+lazyimports.install()  # before the agent imports protobuf
 from guest.agent.main import run
 
 run()
@@ -80,13 +83,22 @@ class ProbedModule(NamedTuple):
     namespace_dirs: List[str]
 
 
+# Where the distribution's interpreter lives. Debian builds it with PGO and LTO and libpython linked
+# in; a default source build (pyenv's) is neither. Measured in the guest under TCG, same image
+# otherwise: interpreter start 0.25 -> 0.15 s, importing the agent 0.90 -> 0.67 s, and every
+# request the agent handles is interpreted faster too.
+DISTRO_PYTHON_DIR = "/usr/bin"
+
+
 def base_interpreter() -> str:
-    """The interpreter the running venv is built on (the one with the shared libpython)."""
+    """The distribution's interpreter of the running Python version if there is one, else the
+    interpreter the running venv is built on."""
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    path = os.path.join(sys.base_prefix, "bin", f"python{version}")
-    if not os.path.exists(path):
-        raise PythonImageError(f"no base interpreter at {path}; pass --python")
-    return path
+    for path in (os.path.join(DISTRO_PYTHON_DIR, f"python{version}"),
+                 os.path.join(sys.base_prefix, "bin", f"python{version}")):
+        if os.path.exists(path):
+            return path
+    raise PythonImageError(f"no python{version} in {DISTRO_PYTHON_DIR} or {sys.base_prefix}/bin; pass --python")
 
 
 def site_dir_of(package: str) -> str:

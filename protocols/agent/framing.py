@@ -12,6 +12,8 @@ from typing import List, NamedTuple, Union
 # Bumped when a change to agent.proto changes the meaning of existing messages; adding new
 # requests does not need a bump (an old agent answers "unsupported request").
 PROTOCOL_VERSION = 1
+# How the error of that answer starts: a host newer than the agent falls back on older requests.
+UNSUPPORTED_REQUEST = "unsupported request"
 
 HEADER = struct.Struct(">I")
 HEADER_BYTES = HEADER.size

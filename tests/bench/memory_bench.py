@@ -28,6 +28,8 @@ BOOT_CONCURRENCY = 2
 # After the last boot: let the guests go idle before reading PSS.
 SETTLE_S = 2.0
 STRATEGIES = ("direct", "template")
+# Issue 16: a clone costs at most a tenth of a directly booted VM, with 10 of each alive.
+DENSITY_GOAL_PCT = 10
 
 
 def smaps_rollup_kib(pid: int) -> dict[str, int]:
@@ -102,7 +104,8 @@ async def _levels(factory: Factory, request, levels: tuple[int, ...], template_f
 
 
 async def run(bench: runner.Bench, section: common.Section) -> None:
-    levels = (1, 5) if bench.quick else (1, 5, 10)
+    # N = 10 in quick mode too: issue 16's density goal is stated at N = 10.
+    levels = (1, 10) if bench.quick else (1, 5, 10)
     root = bench.dir("memory")
     run_root = os.path.join(root, "vm")
     request = bench.vm_config()
@@ -160,8 +163,8 @@ def _report(section: common.Section, levels: tuple[int, ...], results: dict[str,
 
     if ratio_at:
         n = max(ratio_at)
-        section.targets.append(common.Target("clone cost per VM vs direct", ratio_at[n], "<=", 20, " %",
-                                             f"N = {n}" + ("" if n >= 10 else "; the goal is at N = 10, full mode")))
+        section.targets.append(common.Target("clone cost per VM vs direct", ratio_at[n], "<=", DENSITY_GOAL_PCT, " %",
+                                             f"N = {n}; PSS" + ("" if n >= 10 else "; the goal is at N = 10")))
     section.panels.append(("memory cost per VM (MiB) vs VMs alive", lambda ax: _plot(ax, levels, results)))
 
 

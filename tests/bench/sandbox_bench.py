@@ -32,7 +32,11 @@ from tests.integration.vmtest import write_config
 # Runfiles: this file is <runfiles>/<workspace>/tests/bench/; the runtime is a data dependency.
 RUNTIME = Path(__file__).parent.parent.parent / "runtime" / "kata-runtime"
 POOL = 2
-GOAL_MS = 150  # VMCache run → first output, p50
+# Issue 16's goals, p50: `kata-runtime run` to the first output line per factory path, `ctr run`
+# through containerd with a VMCache, and the guest's create_process phase.
+GOALS_MS = {"vmcache": 150, "template": 400, "ctr_vmcache": 300, "create_process": 30}
+# Why `ctr run` is not measured yet; the containerd work (issue 15) replaces measure_ctr_run.
+CTR_RUN_SKIPPED = "skipped: containerd support (issue 15) is not in this build yet"
 RUN_TIMEOUT_S = 300.0
 STATUS_TIMEOUT_S = 180.0
 STRATEGIES = [  # key, label, expected factory path
@@ -182,8 +186,16 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
         finally:
             await server.stop()
             cache.call("factory", "destroy")
+
+        extra["ctr_run"] = await measure_ctr_run(bench, root, bundle)
     finally:
         _report(section, samples, extra)
+
+
+async def measure_ctr_run(bench: runner.Bench, root: str, bundle: str) -> list[float] | str:
+    """Hook for `ctr run` (containerd, this project's shim) with a VMCache: ms to the first output
+    line per run, or why it was not measured. Until containerd support lands it says so."""
+    return CTR_RUN_SKIPPED
 
 
 def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], extra: dict[str, Any]) -> None:
@@ -222,10 +234,26 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
         section.notes.append(f"VMCache server start to {POOL} VMs in `factory status`: "
                              f"{extra['vmcache_start_s']:.1f} s")
 
-    vmcache = stats["vmcache"]["first_ms"]
-    section.targets.append(common.Target("run to first output with VMCache p50",
-                                         vmcache["p50"] if vmcache["n"] else None, "<=", GOAL_MS, " ms",
-                                         "`kata-runtime run`, echo hello"))
+    def first_p50(key: str) -> float | None:
+        return stats[key]["first_ms"]["p50"] if stats[key]["first_ms"]["n"] else None
+
+    ctr = extra.get("ctr_run", CTR_RUN_SKIPPED)
+    ctr_p50 = common.percentile(ctr, 50) if isinstance(ctr, list) and ctr else None
+    if isinstance(ctr, list) and ctr:
+        section.notes.append(f"`ctr run` (containerd) with VMCache: {len(ctr)} runs, first output p50 "
+                             f"{common.fmt_ms(ctr_p50)}")
+    creates = [r["phases"]["create_process"] for k in ("vmcache", "template") for r in samples[k]
+               if "create_process" in r["phases"]]
+    section.targets += [
+        common.Target("run to first output with VMCache p50", first_p50("vmcache"), "<=", GOALS_MS["vmcache"],
+                      " ms", "`kata-runtime run`, echo hello"),
+        common.Target("run to first output with a template clone p50", first_p50("template"), "<=",
+                      GOALS_MS["template"], " ms", "`kata-runtime run`, echo hello"),
+        common.Target("`ctr run` to first output with VMCache p50", ctr_p50, "<=", GOALS_MS["ctr_vmcache"], " ms",
+                      "" if ctr_p50 is not None else str(ctr)),
+        common.Target("process creation in the guest p50", common.percentile(creates, 50) if creates else None,
+                      "<=", GOALS_MS["create_process"], " ms", "create_process phase, clone paths"),
+    ]
 
     def draw(ax) -> None:
         keys = [(k, label) for k, label, _ in STRATEGIES if stats[k]["first_ms"]["n"]]
@@ -240,7 +268,7 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
         ax.set_xticklabels([k for k, _ in keys])
         ax.set_yscale("log")
         ax.set_ylabel("ms")
-        ax.axhline(GOAL_MS, color="k", linestyle="--", linewidth=1)
+        ax.axhline(GOALS_MS["vmcache"], color="k", linestyle="--", linewidth=1)
         ax.legend(fontsize=8)
 
     section.panels.append(("kata-runtime run (p50, whisker to p90; log scale; dashed: VMCache goal)", draw))

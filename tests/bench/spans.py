@@ -91,14 +91,16 @@ def get_vm_spans(exporter: InMemorySpanExporter, vm_id: str) -> list[ReadableSpa
     return sorted(picked, key=lambda s: s.start_time)
 
 
-# (label, span name, "start" | "end"): consecutive milestones make the phases.
+# (label, span name, "start" | "end" | "last end"): consecutive milestones make the phases;
+# "last end" is the end of the span's last occurrence (a request that was retried).
 Milestones = Sequence[tuple[str, str, str]]
 
+# The handoff request (reseed + clock + check) is sent before QMP cont and answered after it; on a
+# new agent connection it may be retried, and a slow answer is followed by one more clock set.
 _TAIL: Milestones = (
     ("resume (QMP cont)", "hypervisor.ResumeVM", "end"),
-    ("agent handshake → answered", "vm.Handshake", "end"),
-    ("RNG reseed", "agent.ReseedRandomDev", "end"),
-    ("clock set", "agent.SetGuestDateTime", "end"),
+    ("handoff answered (reseed + clock + check)", "agent.Handoff", "last end"),
+    ("clock set again (slow handoff)", "agent.SetGuestDateTime", "end"),
 )
 MILESTONES: dict[str, Milestones] = {
     "direct": (("get_vm setup", "direct.GetBaseVM", "start"),
@@ -121,7 +123,8 @@ MILESTONES: dict[str, Milestones] = {
 }
 PHASE_ORDER = ["get_vm setup", "take from pool", "GetBaseVM RPC", "QEMU process start", "QMP connect",
                "device state load", "agent socket connect", "guest boot → agent answered", "pause (QMP stop)",
-               "resume (QMP cont)", "agent handshake → answered", "RNG reseed", "clock set", "rest"]
+               "resume (QMP cont)", "handoff answered (reseed + clock + check)", "clock set again (slow handoff)",
+               "rest"]
 
 
 def phases(spans: Sequence[ReadableSpan], milestones: Milestones) -> dict[str, float]:
@@ -130,12 +133,14 @@ def phases(spans: Sequence[ReadableSpan], milestones: Milestones) -> dict[str, f
     if root is None:
         return {}
     first: dict[str, ReadableSpan] = {}
+    last: dict[str, ReadableSpan] = {}
     for s in spans:
         first.setdefault(s.name, s)
+        last[s.name] = s
     out: dict[str, float] = {}
     previous = root.start_time
     for label, name, edge in milestones:
-        span = first.get(name)
+        span = (last if edge == "last end" else first).get(name)
         if span is None:
             continue  # its time lands in the next phase found
         at = max(span.start_time if edge == "start" else span.end_time, previous)

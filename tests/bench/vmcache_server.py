@@ -54,6 +54,8 @@ class VMCacheServer:
         self.pool = pool
         self.socket = os.path.join(root, "cache.sock")
         self.log_path = os.path.join(root, "server.log")
+        # write_config's vm_run_root: a client must use the same one (handed-over VMs are checked).
+        self.run_root = os.path.join(root, "vm")
         self.proc: asyncio.subprocess.Process | None = None
         self._channel: grpc.aio.Channel | None = None
         os.makedirs(root, exist_ok=True)

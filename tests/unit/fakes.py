@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 from factory.base import FactoryBase
 from factory.config import HypervisorConfig, VMConfig
+from factory.errors import AgentUnsupportedError
 from factory.vm import VM
 
 _ids = itertools.count(1)
@@ -61,6 +62,7 @@ class FakeAgent:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.fail_on: str | None = None
+        self.predates_handoff = False  # an agent image from before the handoff request
 
     def _record(self, name):
         self.calls.append(name)
@@ -78,6 +80,11 @@ class FakeAgent:
 
     async def set_guest_date_time(self, sec, usec, ctx=None):
         self._record("set_time")
+
+    async def handoff(self, data, sec, usec, timeout_s=None, ctx=None):
+        self._record("handoff")
+        if self.predates_handoff:
+            raise AgentUnsupportedError("guest agent refused Handoff: unsupported request")
 
     async def online_cpu_mem(self, nb_cpus=0, cpu_only=False, wait=False, memory_mib=0, ctx=None):
         self._record(f"online {nb_cpus}")

@@ -118,6 +118,9 @@ def test_every_request_round_trips(agent, guest):
             assert (online.onlined_cpus, online.online_cpus) == (1, 3)
             if can_reseed_host_crng():
                 await client.reseed_random_dev(os.urandom(64))
+                handoff = await client.handoff(os.urandom(64), 1_700_000_001, 7)
+                assert (handoff.agent_version, handoff.protocol_version) == (AGENT_VERSION, PROTOCOL_VERSION)
+                assert agent.clock_set_to[-1] == 1_700_000_001_000_007_000
         finally:
             await client.close()
 

@@ -121,6 +121,24 @@ def test_set_guest_date_time_validates(handler, settime_calls, sec, usec, messag
     assert settime_calls == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not can_reseed_host_crng(),
+                    reason="RNDRESEEDCRNG needs CAP_SYS_ADMIN, which Bazel's sandbox drops; "
+                           "the integration tests hand off real guests")
+def test_handoff_reseeds_sets_the_clock_and_answers_like_check(handler, settime_calls):
+    response = ask(handler, handoff=agent_pb2.HandoffRequest(data=os.urandom(64), sec=1_700_000_000, usec=7))
+    assert response.error == ""
+    assert response.handoff.agent_version == AGENT_VERSION
+    assert response.handoff.protocol_version == PROTOCOL_VERSION
+    assert settime_calls == [1_700_000_000_000_007_000]
+
+
+def test_handoff_without_entropy_is_refused_before_touching_the_clock(handler, settime_calls):
+    response = ask(handler, handoff=agent_pb2.HandoffRequest(sec=1_700_000_000))
+    assert "handoff: data is empty" in response.error
+    assert response.WhichOneof("kind") is None
+    assert settime_calls == []
+
+
 def test_set_guest_date_time_reports_clock_errors(guest):
     def refuse(ns):
         raise PermissionError(1, "Operation not permitted")

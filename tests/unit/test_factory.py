@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -9,9 +10,11 @@ from factory import cache as cache_module
 from factory.base import FactoryBase
 from factory.cache import CacheFactory
 from factory.direct import DirectFactory
-from factory.errors import ConfigError, FactoryError
+from factory.errors import ConfigError, FactoryError, HypervisorError
 from factory.factory import Factory, FactoryConfig, Mode, check_vm_config, new_factory
+from factory.hypervisor.qemu import QemuState
 from factory.ownership import OwnerKind
+from factory.vm import VM
 from tests.unit import fakes
 from tests.unit.fakes import FlakyBase as _FlakyBase
 from tests.unit.fakes import config as _config
@@ -27,16 +30,42 @@ def test_an_incompatible_field_is_named():
         check_vm_config(_config().valid(), _config(kernel_params="debug").valid())
 
 
-def test_get_vm_resumes_reseeds_and_sets_the_clock(monkeypatch):
+def test_get_vm_resumes_reseeds_and_sets_the_clock_in_one_handoff(monkeypatch):
     made = fakes.install(monkeypatch)
+    sent_before_cont = []
+    original_resume = fakes.FakeQemu.resume
+
+    async def resume(self, ctx=None):
+        sent_before_cont.append(list(made[-1].agent.calls))
+        await original_resume(self, ctx)
+    monkeypatch.setattr(fakes.FakeQemu, "resume", resume)
 
     async def body():
         factory = Factory(DirectFactory(_config().valid()))
         vm = await factory.get_vm(_config())
         assert vm.hypervisor.calls == ["pause", "resume"]
-        assert vm.agent.calls == ["check", "reseed", "set_time"]
+        assert vm.agent.calls == ["handoff"]  # reseed + clock + check: one round trip
+        assert sent_before_cont == [["handoff"]]  # on its way before `cont`
         assert len(made) == 1
     asyncio.run(body())
+
+
+def test_an_agent_from_before_the_handoff_request_is_reseeded_and_clocked_as_before(monkeypatch):
+    made = fakes.install(monkeypatch)
+    original = fakes.fake_vm
+
+    def old_agent_vm(config):
+        vm = original(config)
+        vm.agent.predates_handoff = True
+        return vm
+    monkeypatch.setattr(fakes, "fake_vm", old_agent_vm)
+
+    async def body():
+        vm = await Factory(DirectFactory(_config().valid())).get_vm(_config())
+        assert vm.agent.calls == ["handoff", "reseed", "set_time"]
+        assert not vm.needs_handshake
+    asyncio.run(body())
+    assert len(made) == 1
 
 
 def test_a_larger_request_is_hot_plugged_and_recorded():
@@ -84,7 +113,7 @@ def test_an_incompatible_request_gets_a_running_direct_vm(monkeypatch):
     async def body():
         vm = await Factory(Refuses()).get_vm(_config(kernel_params="other"))
         assert vm.hypervisor.calls == ["pause", "resume"]  # upstream leaves it paused
-        assert vm.agent.calls == ["check", "reseed", "set_time"]
+        assert vm.agent.calls == ["handoff"]
         assert vm.config.hypervisor.kernel_params == "other"
     asyncio.run(body())
     assert len(made) == 1
@@ -96,12 +125,12 @@ def test_a_failure_after_the_vm_exists_stops_it(monkeypatch):
 
     def failing_vm(config):
         vm = original(config)
-        vm.agent.fail_on = "reseed"
+        vm.agent.fail_on = "handoff"
         return vm
     monkeypatch.setattr(fakes, "fake_vm", failing_vm)
 
     async def body():
-        with pytest.raises(RuntimeError, match="agent reseed failed"):
+        with pytest.raises(RuntimeError, match="agent handoff failed"):
             await Factory(DirectFactory(_config().valid())).get_vm(_config())
     asyncio.run(body())
     assert made[0].hypervisor.stopped
@@ -140,6 +169,26 @@ def test_cache_keeps_n_ready_and_refills_after_a_hand_out():
         assert all(v.hypervisor.stopped for v in base.built if v.id not in handed)
         assert not vm.hypervisor.stopped  # a handed-out VM belongs to its taker
         assert [o.kind for o in vm.hypervisor.owners] == [OwnerKind.DIRECT]  # and says so on record
+    asyncio.run(body())
+
+
+def test_get_vm_from_a_cache_refills_only_once_the_vm_is_set_up():
+    async def body():
+        base = _FlakyBase()
+        factory = Factory(CacheFactory(base, 1))
+        await _until(lambda: len(factory.status()) == 1)
+        pooled = base.built[0]
+        built_during_handoff = []
+        original = pooled.agent.handoff
+
+        async def handoff(*args, **kwargs):
+            built_during_handoff.append(len(base.built))
+            await original(*args, **kwargs)
+        pooled.agent.handoff = handoff
+        vm = await factory.get_vm(_config())
+        assert vm is pooled and built_during_handoff == [1]  # no refill competing with the hand-out
+        await _until(lambda: len(base.built) == 2)  # then the slot refills
+        await factory.close()
     asyncio.run(body())
 
 
@@ -201,3 +250,11 @@ def test_a_lease_refills_its_slot_once_and_a_given_back_vm_is_stopped():
     asyncio.run(returned.give_back())
     returned.commit()
     assert refills == [1, 2] and returned.vm.stopped == 1
+
+
+def test_attaching_a_dead_vm_fails_at_once_instead_of_waiting_for_its_agent(tmp_path):
+    # This process with another start time: a pid that was recycled since the VM was recorded.
+    state = QemuState(id="gone", run_root=str(tmp_path), pid=os.getpid(), pid_start_time=1, accelerator="tcg",
+                      num_vcpus=1, max_vcpus=1, memory_mib=512, max_memory_mib=512, memory_slots=1)
+    with pytest.raises(HypervisorError, match=f"QEMU pid {os.getpid()} is not running"):
+        asyncio.run(asyncio.wait_for(VM.attach(_config().valid(), state, 1, 512, 0), 5))
