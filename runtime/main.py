@@ -383,10 +383,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+# Commands whose arguments after the container ID are someone else's: the process's command line
+# (`exec ID CMD ARGS`), the host ps's options (`ps ID -ef`, as containerd's Top runs it).
+_ARGS_AFTER_ID = ("exec", "ps")
+
+
 def _underscored(argv: list[str]) -> list[str]:
     """runc spells flags with dashes (--pid-file); absl knows them with underscores (--pid_file).
     Nothing after "--" is touched: that is a process's command line (exec ID -- CMD ARGS), and
-    runc's `exec ID CMD ARGS` gets its "--" here, so that the process's own flags stay its own."""
+    runc's `exec ID CMD ARGS` (and `ps ID PS-OPTIONS`) get their "--" here, so that those flags
+    stay their owner's."""
     out: list[str] = []
     positionals = 0
     takes_value = False
@@ -410,7 +416,7 @@ def _underscored(argv: list[str]) -> list[str]:
             continue
         positionals += 1
         out.append(arg)
-        if positionals == 2 and out[_command_index(out)] == "exec" and index + 1 < len(argv):
+        if positionals == 2 and out[_command_index(out)] in _ARGS_AFTER_ID and index + 1 < len(argv):
             return out + ["--"] + argv[index + 1:] if argv[index + 1] != "--" else out + argv[index + 1:]
     return out
 
