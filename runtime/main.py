@@ -39,6 +39,7 @@ Other commands:
   env       show the guest kernel, initramfs, QEMU and the accelerator chosen (and why)
   version   print the runtime's version
 """
+import json
 import logging as std_logging
 import os
 import sys
@@ -97,8 +98,6 @@ def _runc_version() -> int:
 
 
 def _features(args: Sequence[str]) -> int:
-    import json
-
     from runtime.features import features
 
     print(json.dumps(features(), indent=4))
@@ -106,8 +105,6 @@ def _features(args: Sequence[str]) -> int:
 
 
 def _env(args: Sequence[str]) -> int:
-    import json
-
     from configuration import loader
     from factory import assets
     from factory.hypervisor import accelerator
@@ -171,11 +168,41 @@ def _no_extra_fds() -> None:
                                "supported; leave it out")
 
 
-def _shim_argv() -> list[str]:
-    argv = [sys.executable, os.path.abspath(sys.argv[0]), "--root", FLAGS.root]
-    if FLAGS.config:
-        argv += ["--config", os.path.abspath(FLAGS.config)]
-    return argv + ["shim"]
+def _fork_shim(container_id: str, bundle: str, status_fd: int, lock_fd: int, console_socket: str) -> int:
+    """Starts the container's shim as a fork of this command, whose interpreter and imports are
+    ready: no second cold interpreter on the way to the container's first output. The child
+    keeps only stdio, the status pipe and the lock (a --log file is containerd's, not its)."""
+    config_path = os.path.abspath(FLAGS.config) if FLAGS.config else None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        os.chdir("/")  # holds no mount busy
+        _RUNTIME_LOG.handlers[:] = [std_logging.NullHandler()]
+        std_logging.getLogger().handlers[:] = []
+        _close_fds_except({0, 1, 2, status_fd, lock_fd})
+        code = _serve_container(config_path, container_id, bundle, status_fd, lock_fd, console_socket)
+    except BaseException as err:  # its creator reads the status pipe: say why there
+        try:
+            os.write(status_fd, (json.dumps({"error": f"the shim failed: {err!r}"}) + "\n").encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the directory's own fd, already gone
 
 
 def _debug_stream():
@@ -188,10 +215,10 @@ def _lifecycle(command: str):
         store = _store()
         if command == "create":
             _no_extra_fds()
-            return c.create(store, _shim_argv(), _one_id(args, command), _bundle(), FLAGS.pid_file, _debug_stream(),
+            return c.create(store, _fork_shim, _one_id(args, command), _bundle(), FLAGS.pid_file, _debug_stream(),
                             console_socket=FLAGS.console_socket or "")
         if command == "run":
-            return c.run(store, _shim_argv(), _one_id(args, command), _bundle(), _debug_stream())
+            return c.run(store, _fork_shim, _one_id(args, command), _bundle(), _debug_stream())
         if command == "start":
             return c.start(store, _one_id(args, command))
         if command == "state":
@@ -223,17 +250,25 @@ def _lifecycle(command: str):
 
 
 def _shim(args: Sequence[str]) -> int:
+    """The shim as a command of its own (`kata-runtime shim --status-fd N --lock-fd M ID BUNDLE`),
+    for debugging it; `create` forks it instead (_fork_shim)."""
+    container_id, bundle = args
+    return _serve_container(FLAGS.config, container_id, bundle, FLAGS.status_fd, FLAGS.lock_fd,
+                            FLAGS.console_socket or "")
+
+
+def _serve_container(config_path: str | None, container_id: str, bundle: str, status_fd: int, lock_fd: int,
+                     console_socket: str) -> int:
+    """The shim's life: create the container, serve it, return its exit status."""
     import asyncio
-    import logging as std_logging
     from logging.handlers import RotatingFileHandler
 
     from configuration import loader
     from factory import tracing
     from runtime.sandbox.shim import run_shim
 
-    container_id, bundle = args
     store = _store()
-    config = loader.load(FLAGS.config)
+    config = loader.load(config_path)
     log_path = store.dir(container_id) / "shim.log"
     if config.tracing.enabled:
         tracing.setup(config.tracing.exporter, "kata-runtime", config.tracing.otlp_endpoint,
@@ -245,8 +280,8 @@ def _shim(args: Sequence[str]) -> int:
     root_logger.handlers[:] = [handler]
     root_logger.setLevel(std_logging.INFO)
     logging.use_python_logging()
-    return asyncio.run(run_shim(store, config, container_id, bundle, FLAGS.status_fd, FLAGS.lock_fd,
-                                console_socket=FLAGS.console_socket or ""))
+    return asyncio.run(run_shim(store, config, container_id, bundle, status_fd, lock_fd,
+                                console_socket=console_socket))
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -348,10 +383,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+# Commands whose arguments after the container ID are someone else's: the process's command line
+# (`exec ID CMD ARGS`), the host ps's options (`ps ID -ef`, as containerd's Top runs it).
+_ARGS_AFTER_ID = ("exec", "ps")
+
+
 def _underscored(argv: list[str]) -> list[str]:
     """runc spells flags with dashes (--pid-file); absl knows them with underscores (--pid_file).
     Nothing after "--" is touched: that is a process's command line (exec ID -- CMD ARGS), and
-    runc's `exec ID CMD ARGS` gets its "--" here, so that the process's own flags stay its own."""
+    runc's `exec ID CMD ARGS` (and `ps ID PS-OPTIONS`) get their "--" here, so that those flags
+    stay their owner's."""
     out: list[str] = []
     positionals = 0
     takes_value = False
@@ -375,7 +416,7 @@ def _underscored(argv: list[str]) -> list[str]:
             continue
         positionals += 1
         out.append(arg)
-        if positionals == 2 and out[_command_index(out)] == "exec" and index + 1 < len(argv):
+        if positionals == 2 and out[_command_index(out)] in _ARGS_AFTER_ID and index + 1 < len(argv):
             return out + ["--"] + argv[index + 1:] if argv[index + 1] != "--" else out + argv[index + 1:]
     return out
 

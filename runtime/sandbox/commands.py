@@ -17,7 +17,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from hostos import files
 from hostos import process as host_process
@@ -31,6 +31,10 @@ CREATE_TIMEOUT_S = 300.0
 SHIM_EXIT_WAIT_S = 30.0
 # The states in which a container has a process (created: made, not yet started) to signal.
 LIVE = (Status.CREATED, Status.RUNNING, Status.PAUSED)
+
+# Starts the container's shim as a child of this process: (id, bundle, status fd, lock fd,
+# console socket) -> its pid. The shim reports on the status fd and holds the lock fd.
+ShimStarter = Callable[[str, str, int, int, str], int]
 
 log = logging.getLogger("kata-runtime")
 
@@ -72,7 +76,7 @@ def _locked(store: StateStore, container_id: str) -> Iterator[int]:
             os.close(fd)
 
 
-def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: str,
+def create(store: StateStore, start_shim: ShimStarter, container_id: str, bundle: str,
            pid_file: str | None, debug: TextIO | None, console_socket: str = "") -> int:
     """Creates the container; its host pid (the shim's) goes to `pid_file`, without a newline
     (containerd parses the whole file as a number)."""
@@ -81,10 +85,9 @@ def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: s
     for warning in spec.warnings:  # config.json fields the guest ignores, by name
         warn(warning)
     find_executable(spec.rootfs, spec.process)
-    if console_socket:
-        shim_argv = shim_argv + ["--console-socket", os.path.abspath(console_socket)]
+    console_socket = os.path.abspath(console_socket) if console_socket else ""
     with _locked(store, container_id) as lock_fd:
-        reply = _create_locked(store, shim_argv, container_id, spec.bundle, lock_fd)
+        reply = _create_locked(store, start_shim, container_id, spec.bundle, lock_fd, console_socket)
     if pid_file:
         try:
             files.write_atomic(pid_file, f"{reply['pid']}".encode())
@@ -99,8 +102,8 @@ def create(store: StateStore, shim_argv: list[str], container_id: str, bundle: s
     return 0
 
 
-def _create_locked(store: StateStore, shim_argv: list[str], container_id: str, bundle: str,
-                   lock_fd: int) -> dict:
+def _create_locked(store: StateStore, start_shim: ShimStarter, container_id: str, bundle: str,
+                   lock_fd: int, console_socket: str) -> dict:
     store.reserve(container_id)
     read_fd, write_fd = os.pipe()
     try:
@@ -108,9 +111,7 @@ def _create_locked(store: StateStore, shim_argv: list[str], container_id: str, b
         # would have them. It holds the lock with us until create is over, even if this command
         # is killed meanwhile. It is our child: when we exit, it is adopted by the nearest
         # subreaper (a container engine's shim), which waits for it as for runc's process.
-        shim = subprocess.Popen(shim_argv + ["--status-fd", str(write_fd), "--lock-fd", str(lock_fd),
-                                             container_id, bundle],
-                                pass_fds=[write_fd, lock_fd], start_new_session=True, cwd="/")
+        shim = start_shim(container_id, bundle, write_fd, lock_fd, console_socket)
     except BaseException:
         store.remove(container_id)
         raise
@@ -118,16 +119,13 @@ def _create_locked(store: StateStore, shim_argv: list[str], container_id: str, b
         os.close(write_fd)
     with os.fdopen(read_fd) as status:
         line = status.readline()
-    if not line:
-        shim.wait()
+    reply = json.loads(line) if line else {}
+    if "error" in reply or not line:
+        _, wait_status = os.waitpid(shim, 0)
         _cleanup(store, container_id)
-        raise ContainerError(f"creating container {container_id!r} failed: the shim exited "
-                             f"(status {shim.returncode}); see {store.dir(container_id)}/shim.log")
-    reply = json.loads(line)
-    if "error" in reply:
-        shim.wait()
-        _cleanup(store, container_id)
-        raise ContainerError(f"creating container {container_id!r} failed: {reply['error']}")
+        why = reply.get("error") or (f"the shim exited (status {os.waitstatus_to_exitcode(wait_status)}); "
+                                     f"see {store.dir(container_id)}/shim.log")
+        raise ContainerError(f"creating container {container_id!r} failed: {why}")
     return reply
 
 
@@ -253,8 +251,8 @@ def _stopped_exit_status(state: ContainerState) -> int:
     return state.exit_status
 
 
-def run(store: StateStore, shim_argv: list[str], container_id: str, bundle: str, debug: TextIO | None) -> int:
-    create(store, shim_argv, container_id, bundle, None, debug)
+def run(store: StateStore, start_shim: ShimStarter, container_id: str, bundle: str, debug: TextIO | None) -> int:
+    create(store, start_shim, container_id, bundle, None, debug)
     try:
         start(store, container_id)
         status = wait(store, container_id)

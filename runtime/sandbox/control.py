@@ -230,8 +230,6 @@ def _set_once(ready: asyncio.Future[None]) -> None:
 
 
 async def _recv_with_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
-    import asyncio
-
     fds = array.array("i")
     while True:
         try:

@@ -63,6 +63,11 @@ def test_a_process_command_line_is_left_alone(argv):
     assert rest == ["kata-runtime", "exec", "c1", "sh", "-c", "echo --root"]
 
 
+def test_ps_options_after_the_id_are_the_host_ps_options():
+    assert main._parse_flags(["kata-runtime", "ps", "--format", "table", "c1", "-ef"]) == [
+        "kata-runtime", "ps", "c1", "-ef"]
+
+
 def test_flags_after_the_command_still_work():
     assert main._parse_flags(["kata-runtime", "run", "c1", "--bundle", "/b"]) == ["kata-runtime", "run", "c1"]
     assert FLAGS.bundle == "/b"
