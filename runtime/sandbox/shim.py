@@ -85,8 +85,6 @@ class Shim:
         self.config = config
         self.id = container_id
         self.bundle = bundle
-        # Where a terminal's master goes (runc's --console-socket); terminals are refused for now.
-        self.console_socket = console_socket
         self.state = ContainerState(id=container_id, bundle=bundle, status=Status.CREATING, created=now_rfc3339(),
                                     shim_pid=os.getpid(),
                                     shim_start_time=host_process.start_time(os.getpid()) or 0,
@@ -337,7 +335,12 @@ class Shim:
         stdin = fds[0] if not process.terminal and stdin_relay.is_readable_stdin(fds[0]) else None
         exit_status = asyncio.get_running_loop().create_future()
         self.exec_exits[exec_id] = exit_status
-        if not process.terminal:
+        if process.terminal:
+            # Unused, and the engine may wait for the end of those pipes (go-runc does).
+            for fd in fds:
+                os.close(fd)
+            fds.clear()
+        else:
             self.outputs[exec_id] = {STDOUT: fds[1], STDERR: fds[2]}
         watch = relay = None
         try:

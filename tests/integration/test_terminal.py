@@ -234,7 +234,13 @@ def test_kata_runtime_hands_the_terminal_to_the_console_socket(run_root):
                        "process": {"args": ["sh", "-c", "tty; read line; echo got $line"], "env": ["PATH=/bin"],
                                    "cwd": "/", "terminal": True}}
             shim_socket = os.path.join(state_root, "c1", "shim.sock")
-            with control.request(shim_socket, request, timeout_s=DEADLINE_S) as conn:
+            # Every exec attaches the caller's three stdio fds; a terminal's are left unused.
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                conn = control.request(shim_socket, request, fds=[null, null, null], timeout_s=DEADLINE_S)
+            finally:
+                os.close(null)
+            with conn:
                 exec_engine.receive()
                 assert conn.read_reply() == {"ok": True}
                 exec_engine.read_until(b"/dev/pts/1\r\n")
