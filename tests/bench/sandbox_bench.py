@@ -5,7 +5,9 @@ factory path, as a user runs it (the runtime binary, a fresh process per run):
 - template: `enable_template = true`; the first run creates the template
   (not timed), every timed run clones it;
 - VMCache: the server binary with `vm_cache_number = 2`; before each run we
-  wait until `kata-runtime factory status` lists 2 `VM pid` lines.
+  wait until `kata-runtime factory status` lists 2 `VM pid` lines;
+- `ctr run` with the same server, pool and configuration: a private containerd
+  whose runc shim drives the installed kata-runtime (tests/bench/ctr_run.py).
 
 Each run is timed to the first stdout line (the container's output) and to the
 exit of `kata-runtime run` (Popen.wait). The pipe is never read to EOF: the
@@ -25,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import common, runner
+from tests.bench.ctr_run import CtrRun
 from tests.bench.vmcache_server import VMCacheServer
+from tests.integration import containerd
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import write_config
 
@@ -35,10 +39,12 @@ POOL = 2
 # Issue 16's goals, p50: `kata-runtime run` to the first output line per factory path, `ctr run`
 # through containerd with a VMCache, and the guest's create_process phase.
 GOALS_MS = {"vmcache": 150, "template": 400, "ctr_vmcache": 300, "create_process": 30}
-# Why `ctr run` is not measured yet; the containerd work (issue 15) replaces measure_ctr_run.
-CTR_RUN_SKIPPED = "skipped: containerd support (issue 15) is not in this build yet"
+# What the report says when the sandbox benchmark stopped before reaching the `ctr run` row.
+CTR_RUN_SKIPPED = "not measured: the benchmark stopped before it"
 RUN_TIMEOUT_S = 300.0
 STATUS_TIMEOUT_S = 180.0
+# The `ctr run` row's key in the tables and JSON, beside the STRATEGIES' keys.
+CTR_KEY = "ctr_vmcache"
 STRATEGIES = [  # key, label, expected factory path
     ("direct", "direct boot", "direct"),
     ("template", "template clone", "template"),
@@ -183,49 +189,93 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
             extra["vmcache_start_s"] = _wait_vm_pids(cache, server, POOL)
             _measure(cache, bundle, other_runs, "vmcache", "vmcache", samples,
                      before=lambda: _wait_vm_pids(cache, server, POOL))
+            await measure_ctr_run(bench, root, cache, server, other_runs, extra)
         finally:
             await server.stop()
             cache.call("factory", "destroy")
-
-        extra["ctr_run"] = await measure_ctr_run(bench, root, bundle)
     finally:
         _report(section, samples, extra)
 
 
-async def measure_ctr_run(bench: runner.Bench, root: str, bundle: str) -> list[float] | str:
-    """Hook for `ctr run` (containerd, this project's shim) with a VMCache: ms to the first output
-    line per run, or why it was not measured. Until containerd support lands it says so."""
-    return CTR_RUN_SKIPPED
+def _handed_out(rt: Runtime) -> int:
+    """How many VMs the VMCache server has handed out, as `factory status --json` says."""
+    code, out, err = rt.call("factory", "status", "--json")
+    if code != 0:
+        raise RuntimeError(f"kata-runtime factory status --json: exit {code}: {err.strip()[-400:]}")
+    return int(json.loads(out).get("vm_cache", {}).get("pool", {}).get("vms_handed_out", 0))
+
+
+async def measure_ctr_run(bench: runner.Bench, root: str, cache: Runtime, server: VMCacheServer, runs: int,
+                          extra: dict[str, Any]) -> None:
+    """`ctr run` (containerd, its runc shim, the installed kata-runtime) with the VMCache server the
+    `kata-runtime run` rows used: extra["ctr_run"] gets the timed runs, the phase probes and what
+    leaked, filled as it goes; or why it was not measured (containerd not installed)."""
+    skip = containerd.missing()
+    if skip:
+        extra["ctr_run"] = f"skipped: {skip}"
+        return
+    probes = 1 if bench.quick else 3
+    result: dict[str, Any] = {"runs": [], "probes": [], "leaks": []}
+    extra["ctr_run"] = result
+    ctr = CtrRun(os.path.join(root, "ctr"), server.config_path, lambda: _handed_out(cache))
+    try:
+        common.log("sandbox: ctr run: installing kata-runtime, starting containerd")
+        ctr.start()
+        for i in range(probes):  # untimed; also warms up containerd's image and snapshot paths
+            _wait_vm_pids(cache, server, POOL)
+            common.log(f"sandbox: ctr run phase probe {i + 1}/{probes}")
+            probe = ctr.probe_phases()
+            if probe["path"] != "vmcache":
+                raise RuntimeError(f"ctr run: expected factory path 'vmcache', got {probe['path']!r}")
+            result["probes"].append(probe)
+        for i in range(runs):
+            _wait_vm_pids(cache, server, POOL)
+            common.log(f"sandbox: ctr run {i + 1}/{runs}")
+            timed = ctr.timed_run()
+            if timed["path"] != "vmcache":
+                raise RuntimeError(f"ctr run: expected a VM from the pool, got {timed['path']!r}")
+            result["runs"].append(timed)
+    finally:
+        result["leaks"] = ctr.stop()  # before the server stops: containerd's tasks hold its VMs
 
 
 def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], extra: dict[str, Any]) -> None:
+    ctr = extra.get("ctr_run", CTR_RUN_SKIPPED)
+    ctr_runs: list[dict[str, Any]] = ctr["runs"] if isinstance(ctr, dict) else []
+    rows_by_key = [(k, label, runs) for k, label, _ in STRATEGIES for runs in [samples[k]]]
+    rows_by_key.append((CTR_KEY, f"`ctr run` (containerd), VMCache (pool {POOL})", ctr_runs))
     stats = {k: {m: common.summary([r[m] for r in runs]) for m in ("first_ms", "total_ms")}
-             for k, runs in samples.items()}
+             for k, _, runs in rows_by_key}
     section.data["summary_ms"] = stats
     rows = [[label, str(stats[k]["first_ms"]["n"]),
              common.fmt_ms(stats[k]["first_ms"]["p50"]), common.fmt_ms(stats[k]["first_ms"]["p90"]),
              common.fmt_ms(stats[k]["total_ms"]["p50"]), common.fmt_ms(stats[k]["total_ms"]["p90"])]
-            for k, label, _ in STRATEGIES if stats[k]["first_ms"]["n"]]
+            for k, label, _ in rows_by_key if stats[k]["first_ms"]["n"]]
     section.tables.append(common.Table(
-        "Sandbox start: `kata-runtime run` of `echo hello` in a busybox bundle",
+        "Sandbox start: `kata-runtime run` (and `ctr run`) of `echo hello` in busybox",
         ["factory path", "runs", "first output p50", "first output p90", "exit p50", "exit p90"], rows,
-        "First output: from spawning `kata-runtime --debug run` to the first stdout line; exit: to the "
-        "runtime's exit (it deletes the container and stops the VM first). VMCache: each run waits until "
-        f"`factory status` lists {POOL} VMs."))
+        "First output: from spawning `kata-runtime --debug run` (or `ctr run --rm`) to the first stdout line; "
+        "exit: to its exit (the container deleted and its VM stopped first). VMCache and `ctr run`: each run "
+        f"waits until `factory status` lists {POOL} VMs; `ctr run` uses the same server and configuration, "
+        "and each of its runs took one VM from the pool (the server's hand-out count)."))
 
+    phase_runs = {k: [r["phases"] for r in samples[k] if r["phases"]] for k, _, _ in STRATEGIES}
+    phase_runs[CTR_KEY] = [p["phases"] for p in ctr["probes"] if p["phases"]] if isinstance(ctr, dict) else []
     medians: dict[str, dict[str, float]] = {}
-    for k, _, _ in STRATEGIES:
-        runs = [r["phases"] for r in samples[k] if r["phases"]]
+    for k, runs in phase_runs.items():
         labels = list(dict.fromkeys(label for p in runs for label in p))
         medians[k] = {label: common.percentile([p.get(label, 0.0) for p in runs], 50) for label in labels}
     section.data["phase_medians_ms"] = medians
-    columns = [k for k, _, _ in STRATEGIES if medians[k]]
+    columns = [k for k in phase_runs if medians[k]]
     if columns:
         labels = list(dict.fromkeys(label for k in columns for label in medians[k]))
         section.tables.append(common.Table(
             "Where `create` spends its time (median per phase, from `--debug`)", ["phase"] + columns,
             [[label] + [common.fmt_ms(medians[k][label]) if label in medians[k] else "" for k in columns]
-             for label in labels]))
+             for label in labels],
+            f"{CTR_KEY}: the runtime's io.katacontainers.timing.ms annotation of {len(phase_runs[CTR_KEY])} "
+            "untimed `ctr run -d` probes before the timed runs (a `--rm` run's state is gone when it exits)."
+            if phase_runs[CTR_KEY] else ""))
 
     if "template_first_run_ms" in extra:
         section.notes.append(f"first template run (creates the template, untimed): "
@@ -237,11 +287,9 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
     def first_p50(key: str) -> float | None:
         return stats[key]["first_ms"]["p50"] if stats[key]["first_ms"]["n"] else None
 
-    ctr = extra.get("ctr_run", CTR_RUN_SKIPPED)
-    ctr_p50 = common.percentile(ctr, 50) if isinstance(ctr, list) and ctr else None
-    if isinstance(ctr, list) and ctr:
-        section.notes.append(f"`ctr run` (containerd) with VMCache: {len(ctr)} runs, first output p50 "
-                             f"{common.fmt_ms(ctr_p50)}")
+    ctr_p50 = first_p50(CTR_KEY)
+    if isinstance(ctr, dict) and ctr["leaks"]:
+        section.notes.append("`ctr run`: containerd left (cleaned up): " + "; ".join(ctr["leaks"]))
     creates = [r["phases"]["create_process"] for k in ("vmcache", "template") for r in samples[k]
                if "create_process" in r["phases"]]
     section.targets += [
@@ -250,7 +298,7 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
         common.Target("run to first output with a template clone p50", first_p50("template"), "<=",
                       GOALS_MS["template"], " ms", "`kata-runtime run`, echo hello"),
         common.Target("`ctr run` to first output with VMCache p50", ctr_p50, "<=", GOALS_MS["ctr_vmcache"], " ms",
-                      "" if ctr_p50 is not None else str(ctr)),
+                      "`ctr run --rm`, echo hello" if ctr_p50 is not None else str(ctr)),
         common.Target("process creation in the guest p50", common.percentile(creates, 50) if creates else None,
                       "<=", GOALS_MS["create_process"], " ms", "create_process phase, clone paths"),
     ]
