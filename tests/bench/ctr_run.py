@@ -8,7 +8,8 @@ a timed run is read from the server's side: `factory status --json` counts the V
 and a run that took none did not come from the pool. The runtime's phase annotation
 (io.katacontainers.timing.ms) lives only as long as the container, so the phases come from
 detached probe runs (`ctr run -d`, `kata-runtime state`, then kill and delete), which also warm up
-containerd's image and snapshot paths before the timed runs.
+containerd's image and snapshot paths before the timed runs. containerd's events split each timed
+run's wait for its first line into containerd's, the shim's and the runtime's parts (ctr_events).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hostos import mounts
-from tests.bench import common
+from tests.bench import common, ctr_events
 from tests.integration import containerd
 from tests.integration.containerd import Containerd
 from tests.integration.vmtest import mounts_under, wait_for
@@ -36,6 +37,10 @@ TASK_TIMEOUT_S = 60.0
 # What the probe container runs until it is killed: long enough to never end on its own.
 PROBE_COMMAND = ("sleep", "1000")
 EXPECTED_LINE = "hello\n"
+# containerd delivers a run's events to the subscriber within milliseconds of ctr's exit; a loaded
+# machine gets slack, and a run whose events do not arrive just has no phase split.
+EVENTS_TIMEOUT_S = 5.0
+EVENTS_POLL_S = 0.05
 
 
 class CtrRun:
@@ -49,6 +54,7 @@ class CtrRun:
         self.prefix = os.path.join(root, "usr")
         self.runtime = os.path.join(self.prefix, "bin", "kata-runtime")
         self.daemon: Containerd | None = None
+        self.events: ctr_events.Subscriber | None = None
         self._n = 0
 
     # ---- setup and teardown ----------------------------------------------------------------------
@@ -68,11 +74,16 @@ class CtrRun:
                                  runtime=self.runtime)
         self.daemon.start()
         self.daemon.import_image(str(IMAGE_ARCHIVE))
+        self.events = ctr_events.Subscriber([containerd.CTR, "--address", self.daemon.address, "events"],
+                                            os.path.join(self.root, "events.log"), self.daemon.env)
 
     def stop(self) -> list[str]:
         """Deletes leftover containers and tasks, stops containerd and its shims, then deletes through
         the runtime what containerd could not (a container whose create a Ctrl-C cut short: its VM
         and shim) and unmounts its rootfs; returns what had leaked."""
+        if self.events is not None:
+            self.events.stop()
+            self.events = None
         if self.daemon is None:
             return []
         daemon, self.daemon = self.daemon, None
@@ -107,6 +118,7 @@ class CtrRun:
         cid = f"ctr{self._n}"
         before = self.handed_out()
         with open(os.path.join(self.root, f"{cid}.stderr"), "w+") as err:
+            spawned = time.time()  # the events' clock: wall time
             start = time.perf_counter()
             proc = subprocess.Popen(ctrd.run_argv(cid, "echo", "hello"), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=err, text=True, env=ctrd.env)
@@ -128,7 +140,18 @@ class CtrRun:
                                f"containerd: {ctrd.log()[-400:]}")
         taken = self.handed_out() - before
         path = "vmcache" if taken == 1 else f"{taken} VMs from the pool"
-        return {"first_ms": first_ms, "total_ms": total_ms, "path": path}
+        return {"first_ms": first_ms, "total_ms": total_ms, "path": path,
+                "phases": ctr_events.phases(self._events_of(cid), spawned, first_ms)}
+
+    def _events_of(self, cid: str) -> dict[str, float]:
+        """The run's milestones as containerd published them, once they have all arrived (bounded)."""
+        deadline = time.monotonic() + EVENTS_TIMEOUT_S
+        while self.events is not None:
+            seen = self.events.read().get(cid, {})
+            if all(topic in seen for topic, _ in ctr_events.MILESTONES) or time.monotonic() > deadline:
+                return seen
+            time.sleep(EVENTS_POLL_S)
+        return {}
 
     def probe_phases(self) -> dict[str, Any]:
         """A detached run, untimed: the factory path and phases the runtime annotated its state with."""

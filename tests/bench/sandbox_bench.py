@@ -277,6 +277,20 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
             "untimed `ctr run -d` probes before the timed runs (a `--rm` run's state is gone when it exits)."
             if phase_runs[CTR_KEY] else ""))
 
+    ctr_phases = [r["phases"] for r in ctr_runs if r.get("phases")]
+    if ctr_phases:
+        labels = list(dict.fromkeys(label for p in ctr_phases for label in p))
+        ctr_medians = {label: common.percentile([p.get(label, 0.0) for p in ctr_phases], 50) for label in labels}
+        section.data["ctr_phase_medians_ms"] = ctr_medians
+        section.tables.append(common.Table(
+            "Where `ctr run` waits for its first line (median per phase, from containerd's events)",
+            ["phase", "ctr_vmcache"], [[label, common.fmt_ms(ms)] for label, ms in ctr_medians.items()],
+            f"{len(ctr_phases)} timed runs; each phase ends at a containerd event (its publisher's clock) and "
+            "starts at the previous one, the first at ctr's spawn; the last ends at the first output line. "
+            "kata-runtime create includes the VM hand-out and create_process (table above); the shim runs "
+            "kata-runtime create and start as two processes. The row in parentheses is not a phase: when "
+            "containerd's /tasks/start event came, after /tasks/create."))
+
     if "template_first_run_ms" in extra:
         section.notes.append(f"first template run (creates the template, untimed): "
                              f"{common.fmt_ms(extra['template_first_run_ms'])}")
