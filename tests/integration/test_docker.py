@@ -153,6 +153,10 @@ def test_on_the_default_network_execs_top_signals_and_kill_work_and_the_hook_con
     assert "eth0:" in Path(f"/proc/{pid}/net/dev").read_text()
     assert address in Path(f"/proc/{pid}/net/fib_trie").read_text()
 
+    # The VM's loopback is up, as in any runc container's network namespace.
+    loopback = engine.docker("exec", cid, "ip", "-o", "-4", "addr", "show", "dev", "lo", "up")
+    assert "127.0.0.1/8" in loopback.stdout, loopback.stdout + loopback.stderr
+
     execed = engine.docker("exec", cid, "sh", "-c", "echo in-exec; hostname; exit 3")
     assert execed.returncode == 3, execed.stderr
     assert execed.stdout.splitlines() == ["in-exec", cid[:12]]
