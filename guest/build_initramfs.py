@@ -52,7 +52,7 @@ CONTAIN_PATH = "sbin/vmf-contain"  # read by guest/init: one module name a line,
 
 # Applets guest/init (and a person debugging on the console) uses.
 BUSYBOX_APPLETS = (
-    "sh ash cat chroot dmesg echo insmod kill ln ls mkdir mknod mount poweroff ps reboot rm sleep "
+    "sh ash cat chroot dmesg echo insmod ip kill ln ls mkdir mknod mount poweroff ps reboot rm sleep "
     "sync test true false umount uname"
 ).split()
 

@@ -2,9 +2,10 @@
 
 build_oci_image.py --busybox /bin/busybox --name kata-busybox:latest --out busybox-oci.tar
 
-The archive is an OCI image layout (oci-layout, index.json, blobs/sha256/...) with one layer,
-which `ctr images import` and `docker load`-style tools accept. Byte-reproducible: every mtime is 0,
-owners are root, entries are sorted, gzip carries no name or time.
+The archive is an OCI image layout (oci-layout, index.json, blobs/sha256/...) with one layer, which
+`ctr images import` reads, plus the docker-archive `manifest.json` naming the same blobs, which
+`docker load` reads (dockerd 20.10 knows no OCI layout; newer `docker save` writes both the same way).
+Byte-reproducible: every mtime is 0, owners are root, entries are sorted, gzip carries no name or time.
 """
 from __future__ import annotations
 
@@ -75,6 +76,11 @@ def image_archive(busybox: bytes, applets: list[str], name: str) -> bytes:
         "annotations": {"io.containerd.image.name": _qualified(repository) + ":" + tag,
                         "org.opencontainers.image.ref.name": tag},
     }]}, sort_keys=True).encode()
+    # docker load's own index: blob paths and the tag it gives the image (docker.io/library/ is implied).
+    docker_manifest = json.dumps([{
+        "Config": "blobs/sha256/" + config_digest.split(":")[1], "RepoTags": [name],
+        "Layers": ["blobs/sha256/" + layer_digest.split(":")[1]],
+    }], sort_keys=True).encode()
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_entry("blobs", tarfile.DIRTYPE, 0o755))
@@ -82,7 +88,8 @@ def image_archive(busybox: bytes, applets: list[str], name: str) -> bytes:
         for digest, data in sorted([(config_digest, config), (layer_digest, layer_gz), (manifest_digest, manifest)]):
             tar.addfile(_entry("blobs/sha256/" + digest.split(":")[1], tarfile.REGTYPE, 0o644, len(data)),
                         io.BytesIO(data))
-        for fname, data in (("index.json", index), ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')):
+        for fname, data in (("index.json", index), ("manifest.json", docker_manifest),
+                            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')):
             tar.addfile(_entry(fname, tarfile.REGTYPE, 0o644, len(data)), io.BytesIO(data))
     return out.getvalue()
 

@@ -25,6 +25,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
+from hostos import sockets
 from runtime.sandbox.state import ContainerError
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def request(socket_path: str, message: dict[str, Any], fds: list[int] = (),
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
-        sock.connect(socket_path)
+        sockets.connect(sock, socket_path)
     except OSError as err:
         sock.close()
         raise ContainerError(f"the container's shim is not running ({socket_path}: {err.strerror})") from err

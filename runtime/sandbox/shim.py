@@ -45,6 +45,7 @@ from factory.errors import AgentError
 from factory.ownership import OwnerKind
 from factory.vm import VM
 from hostos import process as host_process
+from hostos import sockets
 from runtime.oci.spec import BundleSpec, ProcessSpec, SpecPolicy, load_bundle, parse_process
 from runtime.sandbox import control, hostside, stdin_relay, vm_source
 from runtime.sandbox.state import ContainerError, ContainerState, StateStore, Status, now_rfc3339
@@ -514,7 +515,7 @@ class Shim:
         not return before that, or an immediate start finds no socket)."""
         socket_path = str(self.store.shim_socket(self.id))
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(socket_path)
+        sockets.bind(server, socket_path)  # an engine's state root may make the path long
         os.chmod(socket_path, 0o600)
         server.listen(LISTEN_BACKLOG)
         server.setblocking(False)

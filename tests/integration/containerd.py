@@ -10,13 +10,15 @@ checks those of the containers this harness ran and removes any a killed shim le
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from hostos import process
-from tests.integration.vmtest import wait_for
+from tests.integration.vmtest import clean_up_root, short_tempdir, wait_for, write_config
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -26,6 +28,9 @@ CONFIG = "deploy/containerd/config.toml"
 # What that file names as the kata handler's BinaryName: the default install prefix's launcher.
 CONFIG_BINARY = "/usr/local/bin/kata-runtime"
 IMAGE_ARCHIVE = "images/busybox-oci.tar"
+INSTALL = "tools/install"
+# Installing copies the Python tree and the guest assets; uninstalling removes them.
+INSTALL_TIMEOUT_S = 300.0
 IMAGE = "docker.io/library/kata-busybox:latest"
 NAMESPACE = "kvf"
 # containerd 1.6 hard-codes its shims' socket directory (runtime/v2/shim/util_unix.go).
@@ -50,6 +55,32 @@ def missing() -> str:
     return ""
 
 
+@contextlib.contextmanager
+def installed_prefix() -> Iterator[str]:
+    """kata-runtime installed as an operator would (//:install), into a temporary prefix and
+    sysconfdir; yields the prefix, uninstalls and checks nothing else was left."""
+    root = short_tempdir("kvf-inst-")
+    usr = os.path.join(root, "usr")
+    args = [INSTALL, "--prefix", usr, "--sysconfdir", os.path.join(root, "etc")]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+        assert done.returncode == 0, done.stderr
+        yield usr
+        removed = subprocess.run(args + ["--uninstall"], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+        assert removed.returncode == 0, removed.stderr
+    finally:
+        leaks = clean_up_root(root)
+        assert not leaks, "the install leaked: " + "; ".join(leaks)
+
+
+def kata_config(run_root: str, prefix: str, cache: int = 0) -> str:
+    """The runtime's configuration: the installed guest assets, every VM and socket under `run_root`.
+    Its path is always <run_root>/configuration.toml, which the engine's $KATA_CONF_FILE names."""
+    share = os.path.join(prefix, "share", "kata-vmfactory")
+    return write_config(run_root, template=False, cache=cache, kernel=f"{share}/vmlinux",
+                        initrd=f"{share}/initramfs.cpio.gz")
+
+
 def runtime_binary(installed: str) -> str:
     """The runc-compatible binary the tests give ctr: the installed kata-runtime, unless
     $KVF_CTR_RUNTIME names another one (`--test_env=KVF_CTR_RUNTIME=/usr/sbin/runc` checks the
@@ -69,6 +100,14 @@ def shim_socket(address: str, namespace: str, container_id: str) -> str:
     """Where containerd 1.6 puts a container's shim socket (runtime/v2/shim.SocketAddress)."""
     digest = hashlib.sha256(os.path.join(address, namespace, container_id).encode()).hexdigest()
     return os.path.join(SHIM_SOCKET_DIR, digest)
+
+
+def _is_shim(pid: int) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except OSError:
+        return False  # gone
+    return os.path.basename(argv0) == os.path.basename(SHIM).encode()
 
 
 class Containerd:
@@ -203,8 +242,9 @@ class Containerd:
     # ---- what is left --------------------------------------------------------------------------
 
     def shim_pids(self) -> list[int]:
-        return [pid for pid in process.pids_mentioning(self.address)
-                if self.proc is None or pid != self.proc.pid]
+        """containerd-shim-runc-v2 processes of this daemon (clients naming its address, such as
+        dockerd, are not shims)."""
+        return [pid for pid in process.pids_mentioning(self.address) if _is_shim(pid)]
 
     def leftovers(self) -> list[str]:
         """Containers, tasks, shims, runtime state and shim sockets still there (the daemon itself aside)."""

@@ -10,60 +10,42 @@ container, task, shim, runtime state, mount or VM.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import pty
-import select
 import signal
-import struct
 import subprocess
-import termios
-import time
 from pathlib import Path
 
 import pytest
 
 from hostos.process import pids_mentioning
-from tests.integration.containerd import Containerd, missing, render_config, runtime_binary
-from tests.integration.vmtest import clean_up_root, mounts_under, short_tempdir, wait_for, write_config
+from tests.integration.containerd import (
+    Containerd,
+    installed_prefix,
+    kata_config,
+    missing,
+    render_config,
+    runtime_binary,
+)
+from tests.integration.terminal import DEFAULT_SIZE, Terminal
+from tests.integration.vmtest import mounts_under, wait_for
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing())
 
-INSTALL = "tools/install"
 # Bounded waits for what other processes do: a task's state, the pool's VM, a task's start.
 TASK_TIMEOUT_S = 60.0
 POOL_TIMEOUT_S = 180.0
 START_TIMEOUT_S = 300.0  # a task starts (and prints) once its VM has booted, under TCG
-# Odd sizes, so the container cannot print them by chance: the size at start, then after a resize.
-TERMINAL_SIZE = (33, 101)
+# The terminal's size at start (odd, so the container cannot print it by chance), then after a resize.
+TERMINAL_SIZE = DEFAULT_SIZE
 RESIZED = (41, 123)
 
 
 @pytest.fixture(scope="module")
 def prefix():
     """kata-runtime installed as an operator would, into a temporary prefix (and sysconfdir)."""
-    root = short_tempdir("kvf-inst-")
-    usr = os.path.join(root, "usr")
-    args = [INSTALL, "--prefix", usr, "--sysconfdir", os.path.join(root, "etc")]
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
+    with installed_prefix() as usr:
         yield usr
-        removed = subprocess.run(args + ["--uninstall"], capture_output=True, text=True, timeout=300)
-        assert removed.returncode == 0, removed.stderr
-    finally:
-        leaks = clean_up_root(root)
-        assert not leaks, "the install leaked: " + "; ".join(leaks)
-
-
-def kata_config(run_root: str, prefix: str, cache: int = 0) -> str:
-    """The runtime's configuration: the installed guest assets, every VM and socket under `run_root`.
-    Its path is always <run_root>/configuration.toml, which containerd's $KATA_CONF_FILE names."""
-    share = os.path.join(prefix, "share", "kata-vmfactory")
-    return write_config(run_root, template=False, cache=cache, kernel=f"{share}/vmlinux",
-                        initrd=f"{share}/initramfs.cpio.gz")
 
 
 @pytest.fixture
@@ -142,69 +124,6 @@ def test_the_exit_code_and_both_streams_arrive(ctrd, run_root):
 
 
 # ---- ctr run -t: the terminal (needs --console-socket in kata-runtime) ---------------------------
-
-
-class Terminal:
-    """A host pty driving one command, as a user at a terminal would."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.master, slave = pty.openpty()
-        self.resize(TERMINAL_SIZE, slave)
-        try:
-            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                         start_new_session=True)
-        finally:
-            os.close(slave)
-        self.seen = b""
-
-    def type(self, text: str) -> None:
-        os.write(self.master, text.encode())
-
-    def resize(self, size: tuple[int, int], fd: int | None = None) -> None:
-        fcntl.ioctl(self.master if fd is None else fd, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
-
-    def answer(self, command: str, mark: int) -> str:
-        """What the shell prints for `command`: up to an end mark only the shell can print
-        (the typed line echoes as end-$((mark+0)))."""
-        start = len(self.seen)
-        self.type(f"{command}; echo end-$(({mark}+0))\n")
-        self.expect(f"end-{mark}\r")
-        return self.seen[start:].decode(errors="replace")
-
-    def expect(self, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Reads until `what` has appeared; AssertionError (with the screen) after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while what.encode() not in self.seen:
-            assert self._read(deadline), f"the terminal closed before {what!r}: {self.seen[-2000:]!r}"
-
-    def wait_exit(self, timeout_s: float = TASK_TIMEOUT_S) -> int:
-        """Reads until every slave side is closed; the command's exit code."""
-        deadline = time.monotonic() + timeout_s
-        while self._read(deadline):
-            pass
-        return self.proc.wait(timeout_s)
-
-    def _read(self, deadline: float) -> bool:
-        """One read into `seen`; False once the terminal is closed."""
-        left = deadline - time.monotonic()
-        assert left > 0, f"gave up waiting on the terminal; it showed {self.seen[-2000:]!r}"
-        ready, _, _ = select.select([self.master], [], [], left)
-        if not ready:
-            return True
-        try:
-            chunk = os.read(self.master, 4096)
-        except OSError as err:
-            if err.errno != errno.EIO:  # EIO: every slave side is closed
-                raise
-            return False
-        self.seen += chunk
-        return bool(chunk)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.master)
 
 
 def test_ctr_run_t_gives_an_interactive_shell_that_follows_the_terminals_size(ctrd, run_root):

@@ -51,3 +51,12 @@ def test_the_bazel_target_built_an_archive_with_the_real_busybox():
     manifest = json.loads(_get(files, index["manifests"][0]))
     layer = gzip.decompress(_get(files, manifest["layers"][0]))
     assert tarfile.open(fileobj=io.BytesIO(layer)).getmember("bin/busybox").size > 500_000
+
+
+def test_docker_loads_the_same_blobs_from_its_manifest_json():
+    files, index, _ = _blobs(image_archive(BUSYBOX, ["sh"], "kata-busybox:latest"))
+    manifest = json.loads(_get(files, index["manifests"][0]))
+    (docker,) = json.loads(files["manifest.json"])
+    assert docker["RepoTags"] == ["kata-busybox:latest"]
+    assert docker["Config"] == "blobs/sha256/" + manifest["config"]["digest"].split(":")[1]
+    assert docker["Layers"] == ["blobs/sha256/" + d["digest"].split(":")[1] for d in manifest["layers"]]
