@@ -291,6 +291,9 @@ class Shim:
         if op == "start":
             if self.state.status != Status.CREATED:
                 raise ContainerError(f"container {self.id} is {self.state.status}, not created")
+            # ctr sets the terminal's size between create and start: pass it on now rather than
+            # at the next poll, so the program starts with it (runc's terminal has it then too).
+            await self._console_created(self.id)
             await self.vm.agent.start_process(self.id)
             self.state.status = Status.RUNNING
             self.store.save(self.state)
