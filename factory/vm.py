@@ -155,11 +155,17 @@ class VM:
         has the guest mount the share; unbind with sharedfs.unbind from the returned record."""
         share = sharedfs.bind_rootfs(self.hypervisor.run, container_id, rootfs, readonly)
         try:
-            await self.agent.mount_shared(sharedfs.SHARED_FS_TAG, sharedfs.GUEST_SHARED_DIR, ctx=ctx)
+            await self.mount_share(ctx)  # a cached VM's guest has it mounted already: then a check
         except BaseException:
             sharedfs.unbind(share.mount_point, share.mount_id)
             raise
         return share
+
+    async def mount_share(self, ctx: Context | None = None) -> None:
+        """Has the guest mount this VM's 9p share (idempotent; nothing without one). The share
+        holds nothing until a rootfs is bound into it, and the guest sees binds made later."""
+        if self.config.hypervisor.shared_fs == "virtio-9p":
+            await self.agent.mount_shared(sharedfs.SHARED_FS_TAG, sharedfs.GUEST_SHARED_DIR, ctx=ctx)
 
     def record(self) -> dict[str, Any]:
         """What another process needs to stop this VM later (stop_recorded), as JSON data."""

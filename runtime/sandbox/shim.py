@@ -156,6 +156,7 @@ class Shim:
         self.state.share_mount, self.state.share_mount_id = rootfs_share.mount_point, rootfs_share.mount_id
         self.state.guest_rootfs = rootfs_share.guest_path
         self.store.save(self.state)
+        phase("share_rootfs")  # the host bind and the guest's mount: not process creation
         # ENGINE WIRING (create, 2/2): host binds into the VM's share, each recorded as made.
         try:
             self.guest_mounts = self.host.share_mounts(self.vm.hypervisor.run, self.state.host_mounts)

@@ -86,6 +86,9 @@ class FakeAgent:
         if self.predates_handoff:
             raise AgentUnsupportedError("guest agent refused Handoff: unsupported request")
 
+    async def mount_shared(self, tag, mount_point, timeout_s=None, ctx=None):
+        self._record("mount_shared")
+
     async def online_cpu_mem(self, nb_cpus=0, cpu_only=False, wait=False, memory_mib=0, ctx=None):
         self._record(f"online {nb_cpus}")
 
