@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from runtime.oci.hooks import RUN_STAGES
 from runtime.version import RUNTIME_VERSION
 
 OCI_VERSION_MIN = "1.0.0"
@@ -34,8 +35,9 @@ def features() -> dict[str, Any]:
     return {
         "ociVersionMin": OCI_VERSION_MIN,
         "ociVersionMax": OCI_VERSION_MAX,
-        # OCI hooks are not run by this runtime.
-        "hooks": [],
+        # Run on the host (runtime/oci/hooks.py); startContainer is skipped with a warning: it
+        # would run inside the container, which is in the guest.
+        "hooks": list(RUN_STAGES),
         "mountOptions": sorted(MOUNT_OPTIONS),
         "linux": {
             "namespaces": NAMESPACES,

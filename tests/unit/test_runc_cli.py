@@ -173,4 +173,5 @@ def test_features_are_what_the_guest_implements():
     document = features.features()
     assert document["linux"]["capabilities"] == ["CAP_" + c for c in containment.CAPABILITIES]
     assert set(document["mountOptions"]) == set(containment.MOUNT_FLAGS) | containment.PROPAGATION_OPTIONS
-    assert document["hooks"] == []  # none are run (config.json hooks are refused)
+    # The hooks run on the host; startContainer would run inside the guest and is skipped.
+    assert document["hooks"] == ["prestart", "createRuntime", "createContainer", "poststart", "poststop"]
