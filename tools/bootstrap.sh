@@ -20,9 +20,11 @@ venv=${KATA_VMFACTORY_VENV:-$state/venv}
 # - systemd brings systemd-analyze, which checks the VMCache unit;
 # - containerd (it brings runc and containerd-shim-runc-v2): the engine the containerd tests
 #   drive kata-runtime with. Its tests start a private daemon; the system service stays as
-#   Debian installs it (enabled, for a node that uses containerd), and no test talks to it.
+#   Debian installs it (enabled, for a node that uses containerd), and no test talks to it;
+# - procps: `kata-runtime ps ID` prints the host's `ps` table of the container's processes, as
+#   runc does (containerd's Top uses the JSON form).
 apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio
-              python3 python3-dev python3-venv gcc libc6-dev ca-certificates systemd containerd)
+              python3 python3-dev python3-venv gcc libc6-dev ca-certificates systemd containerd procps)
 
 step() { printf 'bootstrap: %s\n' "$*" >&2; }
 

@@ -191,6 +191,8 @@ done < <(env | grep -E '^(PIP_[A-Z_]+|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUN
 
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
+# systemd mounts the cgroup2 hierarchy on a booted Debian; dockerd refuses to start without it.
+mount -t cgroup2 cgroup2 "$root/sys/fs/cgroup"
 mount --rbind /dev "$root/dev"   # /dev/kvm, /dev/pts, /dev/shm
 mount -t tmpfs -o mode=755 tmpfs "$root/run"
 

@@ -328,6 +328,9 @@ def ps(store: StateStore, container_id: str, as_json: bool, ps_args: Sequence[st
         return 0
     try:
         table = subprocess.run(["ps", *(ps_args or ["-ef"])], capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        raise ContainerError("the ps table comes from the host's ps, which is not on PATH: install procps "
+                             "(apt install procps), or use --format json") from None
     except (OSError, subprocess.CalledProcessError) as err:
         raise ContainerError(f"ps {' '.join(ps_args or ['-ef'])} failed: {err}") from err
     header, *rows = table.splitlines() or [""]
