@@ -175,6 +175,10 @@ fi
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 cp -L /etc/hosts "$root/etc/hosts"
 
+# A booted machine's / is a mount point; dockerd's image loading remounts it (private) and
+# fails on a plain directory. Before any other mount here, so they land on top of it.
+mount --bind "$root" "$root"
+
 # pip settings given in the environment go in too; paths they name are bound read-only,
 # except the CA bundle, which the root's ca-certificates builds (with the extra CAs above).
 env_args=(HOME=/root TERM="${TERM:-dumb}" LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)

@@ -133,7 +133,11 @@ def test_ctr_run_t_gives_an_interactive_shell_that_follows_the_terminals_size(ct
         term.expect("# ")  # busybox sh's root prompt: the shell reads the terminal
         term.type("echo hi-$((1+2))\n")
         term.expect("hi-3")  # the typed line echoes as hi-$((1+2)); only the shell prints hi-3
-        assert "{} {}".format(*TERMINAL_SIZE) in term.answer("stty size", 0)
+        # ctr sets the size only after the task started (HandleConsoleResize follows Start), and the
+        # shell may be asked before it lands: ask until it shows, as for the resize below.
+        first = iter(range(1000, 2000))
+        wait_for("the terminal's size inside the container",
+                 lambda: "{} {}".format(*TERMINAL_SIZE) in term.answer("stty size", next(first)), TASK_TIMEOUT_S)
         # A resize reaches ctr as SIGWINCH (sent here: the pty is not ctr's controlling terminal),
         # and ctr passes it on to the task's terminal; it lands a moment later, so ask again.
         term.resize(RESIZED)
