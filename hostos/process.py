@@ -83,3 +83,12 @@ def kill_mentioning(text: str, grace_s: float) -> None:
         started = start_time(pid)
         if started is not None:
             terminate(pid, started, grace_s)
+
+
+def stdio_to_devnull() -> None:
+    """Points this process's stdin, stdout and stderr at /dev/null, letting go of what they were
+    (a pipe whose reader waits for every writer to close it)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)

@@ -191,7 +191,9 @@ def _fork_shim(container_id: str, bundle: str, status_fd: int, lock_fd: int, con
             # A terminal's output goes to the engine's pty, not to our stdio. go-runc captures a
             # terminal create's stdio in a pipe and waits for its end: holding it, the shim
             # would keep create from ever finishing.
-            _stdio_to_devnull()
+            from hostos import process as host_process
+
+            host_process.stdio_to_devnull()
         code = _serve_container(config_path, container_id, bundle, status_fd, lock_fd, console_socket)
     except BaseException as err:  # its creator reads the status pipe: say why there
         try:
@@ -200,13 +202,6 @@ def _fork_shim(container_id: str, bundle: str, status_fd: int, lock_fd: int, con
             pass
     finally:
         os._exit(code)
-
-
-def _stdio_to_devnull() -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
 
 
 def _close_fds_except(keep: set[int]) -> None:

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from hostos import files
+from hostos import process as host_process
 from runtime.sandbox import control
 from runtime.sandbox.state import ContainerError
 
@@ -107,7 +108,7 @@ def _hold(socket_path: str, request: dict[str, Any], report_fd: int) -> int:
         if request.get("console_socket"):
             # The exec's terminal is the engine's pty; go-runc waits for the end of the pipe it
             # gave a terminal exec as stdio, so the holder must not keep that pipe open.
-            _stdio_to_devnull()
+            host_process.stdio_to_devnull()
         holder.started()
     except BaseException as err:  # everything goes back to the exec command, which prints it
         report({"error": str(err) or type(err).__name__})
@@ -120,13 +121,6 @@ def _hold(socket_path: str, request: dict[str, Any], report_fd: int) -> int:
         return LOST_STATUS
     except BaseException:
         return LOST_STATUS
-
-
-def _stdio_to_devnull() -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
 
 
 def _write_pid(pid_file: str, pid: int) -> None:

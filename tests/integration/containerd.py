@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hostos import process
-from tests.integration.vmtest import clean_up_root, short_tempdir, wait_for, write_config
+from tests.integration.daemon import LoggedDaemon
+from tests.integration.vmtest import clean_up_root, short_tempdir, write_config
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -110,8 +111,10 @@ def _is_shim(pid: int) -> bool:
     return os.path.basename(argv0) == os.path.basename(SHIM).encode()
 
 
-class Containerd:
+class Containerd(LoggedDaemon):
     """One private containerd under `root` (which must be short: it holds the gRPC socket)."""
+
+    name = "containerd"
 
     def __init__(self, root: str, config: str, env: dict[str, str], runtime: str) -> None:
         self.root = root
@@ -125,34 +128,18 @@ class Containerd:
         # The daemon finds containerd-shim-runc-v2 on PATH; Bazel's test PATH may lack /usr/bin.
         self.env["PATH"] = "/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin"
         self.ids: set[str] = set()
-        self.proc: subprocess.Popen | None = None
-        self.started = 0
+        super().__init__()
 
     # ---- the daemon --------------------------------------------------------------------------
 
     def start(self) -> None:
         os.makedirs(self.root, exist_ok=True)
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [CONTAINERD, "--config", self.config, "--root", os.path.join(self.root, "lib"),
-                 "--state", os.path.join(self.root, "state"), "--address", self.address],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                start_new_session=True)
-        self.started = process.start_time(self.proc.pid) or 0
-        wait_for("containerd to answer on " + self.address, self._answers, START_TIMEOUT_S)
-        assert self.proc.poll() is None, f"containerd exited {self.proc.returncode}: {self.log()}"
+        self.launch([CONTAINERD, "--config", self.config, "--root", os.path.join(self.root, "lib"),
+                     "--state", os.path.join(self.root, "state"), "--address", self.address],
+                    self.env, self.address, START_TIMEOUT_S)
 
-    def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            return True  # start() reports the exit with the log
+    def answers(self) -> bool:
         return os.path.exists(self.address) and self.ctr("version", timeout=10).returncode == 0
-
-    def log(self) -> str:
-        try:
-            return Path(self.log_path).read_text()[-4000:]
-        except OSError:
-            return ""
 
     def stop(self) -> list[str]:
         """Deletes what is left, stops the daemon and every shim it started; returns what had leaked.

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from hostos import mounts, process
 from tests.integration.containerd import CTR, Containerd, shim_socket
-from tests.integration.vmtest import mounts_under, wait_for
+from tests.integration.daemon import LoggedDaemon
+from tests.integration.vmtest import mounts_under
 
 # Where tools/bootstrap.sh extracts Debian's docker.io package (dpkg-deb -x, not installed).
 DOCKER_CACHE = os.path.join(os.environ.get("KATA_VMFACTORY_STATE", "/var/cache/kata-vmfactory"), "docker", "root")
@@ -64,8 +65,10 @@ def missing() -> str:
     return ""
 
 
-class Dockerd:
+class Dockerd(LoggedDaemon):
     """One private dockerd under `root` (short: it holds sockets), on `containerd`."""
+
+    name = "dockerd"
 
     def __init__(self, root: str, containerd: Containerd, runtime: str, env: dict[str, str]) -> None:
         self.root = root
@@ -81,8 +84,7 @@ class Dockerd:
         # The CLI keeps its config (and would create ~/.docker) here instead.
         self.cli_env = {**self.env, "DOCKER_HOST": "unix://" + self.socket, "DOCKER_CONFIG": os.path.join(root, "cli")}
         self.cidfiles: list[str] = []  # one per docker run: the ids of containers --rm removed too
-        self.proc: subprocess.Popen | None = None
-        self.started = 0
+        super().__init__()
         self.made_plugins_dir = False
 
     # ---- the daemon --------------------------------------------------------------------------
@@ -98,25 +100,10 @@ class Dockerd:
                 "--containerd", self.containerd.address,
                 "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--userland-proxy=false",
                 "--storage-driver", "overlay2", "--add-runtime", f"{RUNTIME}={self.runtime}"]
-        with open(self.log_path, "w") as log:
-            # unshare execs dockerd: this pid is the daemon's.
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env, start_new_session=True)
-        self.started = process.start_time(self.proc.pid) or 0
-        wait_for("dockerd to answer on " + self.socket, self._answers, START_TIMEOUT_S)
-        assert self.proc.poll() is None, f"dockerd exited {self.proc.returncode}: {self.log()}"
+        self.launch(argv, self.env, self.socket, START_TIMEOUT_S)  # unshare execs dockerd: its pid is the daemon's
 
-    def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            return True  # start() reports the exit with the log
+    def answers(self) -> bool:
         return os.path.exists(self.socket) and self.docker("version", timeout=30).returncode == 0
-
-    def log(self) -> str:
-        try:
-            return Path(self.log_path).read_text()[-4000:]
-        except OSError:
-            return ""
 
     def stop(self) -> list[str]:
         """Removes what is left, stops the daemon, undoes what it leaves; returns what had leaked."""
