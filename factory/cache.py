@@ -30,6 +30,11 @@ RETRY_MAX_S = 30.0
 WATCH_INTERVAL_S = 1.0
 # A caller waits at most this long for a ready VM (TCG boots take seconds).
 GET_TIMEOUT_S = 120.0
+# A VM handed to another process (VMCache's GetBaseVM) is set up there next: QMP and agent
+# connects, resume, handoff, ~15 ms under TCG. Refilling its slot at once (a QEMU start and a
+# device-state load, tens of ms of CPU) competes with that on 2 cores, so the refill waits this
+# long, unless a caller is waiting for a VM: then it starts at once.
+HANDOUT_REFILL_DELAY_S = 0.03
 
 _TRACER = "kata_vmfactory.factory"
 log = logging.getLogger(__name__)
@@ -82,6 +87,7 @@ class CacheFactory(FactoryBase):
         self._ready: asyncio.Queue[_Slot] = asyncio.Queue()
         self._closed = False
         self._waiting = 0  # callers blocked in take()
+        self._deferred_refills: dict[int, asyncio.TimerHandle] = {}  # slot index -> its held-back refill
         self._tasks = [asyncio.ensure_future(self._worker(slot)) for slot in self._slots]
         self._tasks.append(asyncio.ensure_future(self._watch()))
 
@@ -176,7 +182,8 @@ class CacheFactory(FactoryBase):
         return lease
 
     async def lease(self, ctx: Context | None = None) -> Lease:
-        return await self.take(ctx)
+        slot, vm = await self._take(ctx)
+        return Lease(vm, lambda: self._refill_after_handout(slot))
 
     async def take(self, ctx: Context | None = None) -> Lease:
         """A ready VM on lease: the taker commits it (handed over) or gives it back (not used).
@@ -185,27 +192,57 @@ class CacheFactory(FactoryBase):
         milliseconds, so the VMCache server ends the lease once its reply has gone out (GetBaseVM
         p50 3.5 ms with the refill first, ~1.3 ms after).
         """
+        slot, vm = await self._take(ctx)
+        return Lease(vm, slot.taken.set)
+
+    async def _take(self, ctx: Context | None) -> tuple[_Slot, VM]:
         with tracing.span(_TRACER, "cache.GetBaseVM", ctx, subsystem="factory"):
             deadline = time.monotonic() + self.get_timeout_s
             while True:
                 if self._closed:
                     raise FactoryError("cache factory is closed")
-                remaining = deadline - time.monotonic()
-                self._waiting += 1
                 try:
-                    slot = await asyncio.wait_for(self._ready.get(), max(remaining, 0))
-                except asyncio.TimeoutError:
-                    raise FactoryError(self._timeout_message()) from None
-                finally:
-                    self._waiting -= 1
+                    # A ready VM is taken without a wait_for task: one event-loop turn less.
+                    slot = self._ready.get_nowait()
+                except asyncio.QueueEmpty:
+                    slot = await self._wait_ready(deadline)
                 vm, slot.vm = slot.vm, None
                 if vm is None:
                     continue  # dropped by the watcher after it was queued
                 if vm.hypervisor.is_alive():
-                    return Lease(vm, slot.taken.set)
+                    return slot, vm
                 slot.taken.set()
                 log.warning("cache slot %d: VM %s died before hand-out; taking another", slot.index, vm.id)
                 await vm.stop()
+
+    async def _wait_ready(self, deadline: float) -> _Slot:
+        self._waiting += 1
+        try:
+            self._refill_deferred_now()  # a caller waits: no refill may be held back for anyone
+            return await asyncio.wait_for(self._ready.get(), max(deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            raise FactoryError(self._timeout_message()) from None
+        finally:
+            self._waiting -= 1
+
+    def _refill_after_handout(self, slot: _Slot) -> None:
+        """Refills a slot whose VM went to another process: after HANDOUT_REFILL_DELAY_S, or at
+        once when a caller is already waiting for a VM."""
+        if self._waiting or self._closed:
+            slot.taken.set()
+            return
+        self._deferred_refills[slot.index] = asyncio.get_running_loop().call_later(
+            HANDOUT_REFILL_DELAY_S, self._refill_now, slot)
+
+    def _refill_now(self, slot: _Slot) -> None:
+        handle = self._deferred_refills.pop(slot.index, None)
+        if handle is not None:
+            handle.cancel()
+        slot.taken.set()
+
+    def _refill_deferred_now(self) -> None:
+        for slot in [s for s in self._slots if s.index in self._deferred_refills]:
+            self._refill_now(slot)
 
     def _timeout_message(self) -> str:
         failing = [f"slot {s.index}: {s.last_error}" for s in self._slots if s.last_error]
@@ -238,6 +275,9 @@ class CacheFactory(FactoryBase):
         if self._closed:
             return
         self._closed = True
+        for handle in self._deferred_refills.values():
+            handle.cancel()
+        self._deferred_refills.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
