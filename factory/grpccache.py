@@ -31,9 +31,12 @@ GET_BASE_VM_TIMEOUT_S = 150.0
 
 # GetBaseVM metadata naming the caller (pid, start time), so the server records
 # it as the VM's owner before the reply leaves: a server killed after that
-# leaves no VM in limbo between the two.
+# leaves no VM in limbo between the two. The kind and container id the caller
+# acts as come along, so the record is final and the caller need not rewrite it.
 OWNER_PID_KEY = "kata-owner-pid"
 OWNER_START_TIME_KEY = "kata-owner-start-time"
+OWNER_KIND_KEY = "kata-owner-kind"
+OWNER_CONTAINER_KEY = "kata-owner-container"
 
 _TRACER = "kata_vmfactory.factory"
 
@@ -45,8 +48,9 @@ def _metadata(ctx: Context | None) -> tuple[tuple[str, str], ...]:
 
 
 def _claim_metadata() -> tuple[tuple[str, str], ...]:
-    me = ownership.this_process(ownership.OwnerKind.DIRECT)
-    return ((OWNER_PID_KEY, str(me.pid)), (OWNER_START_TIME_KEY, str(me.start_time)))
+    me = ownership.current()
+    claim = ((OWNER_PID_KEY, str(me.pid)), (OWNER_START_TIME_KEY, str(me.start_time)), (OWNER_KIND_KEY, me.kind.value))
+    return claim + (((OWNER_CONTAINER_KEY, me.container_id),) if me.container_id else ())
 
 
 class GrpcCacheFactory(FactoryBase):

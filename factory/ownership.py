@@ -23,6 +23,11 @@ from typing import Any, Iterator
 from hostos import process
 
 OWNER_FILE = "owner.json"
+# prepare()'s stand-in for the next record, beside it.
+PREPARED_FILE = f".{OWNER_FILE}.prepared"
+# A prepared record's size: the longest record (a 64-character container id, pids and start
+# times of 20 digits) is about 160 bytes; JSON ignores the spaces that pad a shorter one.
+PREPARED_SIZE = 512
 
 
 class OwnerKind(str, enum.Enum):
@@ -52,10 +57,20 @@ class Owner:
                    str(data.get("container_id", "")))
 
 
+# This process's start time, read once: it cannot change, and a hand-out asks for it on its
+# path. Keyed by pid, so a forked child reads its own.
+_start_times: dict[int, int] = {}
+
+
 def this_process(kind: OwnerKind, container_id: str = "") -> Owner:
     pid = os.getpid()
-    # Our own stat is always readable; 0 would only mean /proc is missing.
-    return Owner(kind, pid, process.start_time(pid) or 0, container_id)
+    start_time = _start_times.get(pid)
+    if start_time is None:
+        # Our own stat is always readable; 0 would only mean /proc is missing (not kept).
+        start_time = process.start_time(pid) or 0
+        if start_time:
+            _start_times[pid] = start_time
+    return Owner(kind, pid, start_time, container_id)
 
 
 _acting_as: contextvars.ContextVar[tuple[OwnerKind, str]] = contextvars.ContextVar(
@@ -90,9 +105,48 @@ def path_in(run_dir: Path) -> Path:
 def write(run_dir: Path, owner: Owner) -> None:
     """Records `owner` atomically: a reader sees the old record or the new one, never half."""
     target = path_in(run_dir)
+    data = json.dumps(owner.to_dict(), sort_keys=True).encode()
+    if _fill_prepared(run_dir / PREPARED_FILE, data):
+        try:
+            os.rename(run_dir / PREPARED_FILE, target)
+            return
+        except FileNotFoundError:
+            pass  # another writer renamed it first: write ours the slow way, last writer wins
     tmp = target.with_name(f".{OWNER_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(owner.to_dict(), sort_keys=True))
+    tmp.write_bytes(data)
     tmp.replace(target)
+
+
+def prepare(run_dir: Path) -> None:
+    """Makes the next write() in `run_dir` an overwrite of blocks already on disk and a rename.
+
+    On ext4, renaming a freshly written file over the old record flushes the new one first
+    (auto_da_alloc): 0.3-3 ms, on a hand-out's path when the run root is not a tmpfs. A file
+    written and synced ahead of time (here, off that path) is renamed in ~50 µs.
+    """
+    fd = os.open(run_dir / PREPARED_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.write(fd, b" " * PREPARED_SIZE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fill_prepared(prepared: Path, data: bytes) -> bool:
+    """Writes `data`, padded, over a prepared record; False when there is none (or it is too small)."""
+    if len(data) > PREPARED_SIZE:
+        return False
+    try:
+        # Neither created nor truncated: its blocks stay allocated, so the rename flushes nothing.
+        fd = os.open(prepared, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        os.pwrite(fd, data.ljust(PREPARED_SIZE), 0)
+    finally:
+        os.close(fd)
+    return True
 
 
 def read(run_dir: Path) -> Owner | None:

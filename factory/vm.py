@@ -292,8 +292,11 @@ class VM:
         try:
             await asyncio.gather(qmp, channel)
             qemu = qmp.result()
-            # Ours now: the giver may exit (or be killed) without taking it along.
-            qemu.record_owner(ownership.current())
+            # Ours now: the giver may exit (or be killed) without taking it along. A VMCache
+            # server records its client as the owner before replying: then nothing to rewrite.
+            me = ownership.current()
+            if ownership.read(qemu.run.path) != me:
+                qemu.record_owner(me)
         except BaseException:
             for task in (qmp, channel):
                 task.cancel()

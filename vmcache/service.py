@@ -19,7 +19,7 @@ from opentelemetry.context import Context
 
 from factory import tracing
 from factory.factory import Factory
-from factory.grpccache import OWNER_PID_KEY, OWNER_START_TIME_KEY
+from factory.grpccache import OWNER_CONTAINER_KEY, OWNER_KIND_KEY, OWNER_PID_KEY, OWNER_START_TIME_KEY
 from factory.ownership import Owner, OwnerKind
 from factory.vm import VM
 from native import vmstate
@@ -30,6 +30,8 @@ SERVICE = "cache.CacheService"
 QUIT_DELAY_S = 1.0
 
 _TRACER = "kata_vmfactory.vmcache"
+# What a client may take a VM as: for itself, or for a container's shim.
+_CLAIMABLE_KINDS = frozenset({OwnerKind.DIRECT, OwnerKind.CONTAINER})
 log = logging.getLogger(__name__)
 
 
@@ -51,9 +53,14 @@ def _claimant(context: _Context) -> Owner | None:
     """The live caller a GetBaseVM names as the VM's next owner, if it names one."""
     metadata = dict(context.invocation_metadata() or ())
     try:
-        owner = Owner(OwnerKind.DIRECT, int(metadata[OWNER_PID_KEY]), int(metadata[OWNER_START_TIME_KEY]))
+        # A client from before the kind was sent takes the VM as DIRECT, and records its own kind.
+        kind = OwnerKind(metadata.get(OWNER_KIND_KEY, OwnerKind.DIRECT.value))
+        owner = Owner(kind, int(metadata[OWNER_PID_KEY]), int(metadata[OWNER_START_TIME_KEY]),
+                      metadata.get(OWNER_CONTAINER_KEY, ""))
     except (KeyError, ValueError):
         return None  # an upstream client: the VM stays on the server's record
+    if kind not in _CLAIMABLE_KINDS:
+        return None  # pool and template VMs are the server's own kinds, never a client's
     return owner if owner.is_alive() else None
 
 

@@ -145,6 +145,10 @@ class Qemu:
         except OSError as err:
             raise HypervisorError(f"VM {self.state.id}: cannot record its owner in {self.run.path}: {err}") from err
 
+    def prepare_owner_record(self) -> None:
+        """Readies the next record_owner() to be one cheap rename (ownership.prepare); OSError if not."""
+        ownership.prepare(self.run.path)
+
     async def disconnect(self) -> None:
         """Releases the QMP socket so another process can take the VM."""
         if self._qmp is not None:

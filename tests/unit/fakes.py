@@ -35,6 +35,9 @@ class FakeQemu:
     def record_owner(self, owner) -> None:
         self.owners.append(owner)
 
+    def prepare_owner_record(self) -> None:
+        pass
+
     async def pause(self, ctx=None):
         self.calls.append("pause")
         self.paused = True
