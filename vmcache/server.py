@@ -23,7 +23,7 @@ from factory.vm import VM
 from hostos import safetree
 from vmcache import endpoint, peergate
 from vmcache.operations import Operations
-from vmcache.service import CacheService
+from vmcache.service import CacheService, PreparedReplies
 
 # In-flight calls get this long to finish when the server stops.
 STOP_GRACE_S = 2.0
@@ -51,10 +51,12 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
     ops.orphans_reaped(len(reaped_vms))
     started = time.monotonic()
     ready = 0
+    replies = PreparedReplies()
 
     def on_ready(slot: int, vm: VM, seconds: float) -> None:
         nonlocal ready
         ready += 1
+        replies.prepare(vm)
         ops.vm_built(slot, vm, seconds)
         print(f"vmcache: VM {vm.id} ready in {seconds:.2f} s (slot {slot}, pid {vm.hypervisor.state.pid}, "
               f"{ready} made since start, {time.monotonic() - started:.1f} s)", file=progress, flush=True)
@@ -93,7 +95,7 @@ async def serve(config: RuntimeConfig, progress: TextIO = sys.stderr) -> None:
     os.mkdir(inner_dir, 0o700)
     gate = peergate.PeerGate(path, os.path.join(inner_dir, "grpc.sock"), allowed_uids)
     try:
-        server.add_generic_rpc_handlers([CacheService(factory, stopping.set, ops.vm_handed_out).handler()])
+        server.add_generic_rpc_handlers([CacheService(factory, stopping.set, ops.vm_handed_out, replies).handler()])
         ops.add_services(server)
         server.add_insecure_port(f"unix:{gate.inner_path}")
         await server.start()

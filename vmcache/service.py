@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from typing import Any, Callable
 
 import grpc
@@ -30,6 +31,7 @@ SERVICE = "cache.CacheService"
 QUIT_DELAY_S = 1.0
 
 _TRACER = "kata_vmfactory.vmcache"
+_TRACEPARENT = "traceparent"  # the W3C trace context header, as gRPC metadata
 # What a client may take a VM as: for itself, or for a container's shim.
 _CLAIMABLE_KINDS = frozenset({OwnerKind.DIRECT, OwnerKind.CONTAINER})
 log = logging.getLogger(__name__)
@@ -44,14 +46,29 @@ def grpc_vm_bytes(vm: VM) -> bytes:
     return vmstate.encode_grpc_vm(vm.id, hypervisor, 0, "", vm.cpu, vm.memory_mib, vm.cpu_delta)
 
 
-def _trace_context(context: _Context) -> Context:
-    # The client's span travels as W3C traceparent metadata.
-    return propagate.extract({k: v for k, v in context.invocation_metadata() or ()})
+class PreparedReplies:
+    """GetBaseVM's reply for each VM waiting in the pool, encoded when it was parked rather than
+    while a client waits. A parked VM's state does not change until it is handed out (the taker
+    hot-plugs, never the pool); a VM dropped from the pool drops its entry with it."""
+
+    def __init__(self) -> None:
+        self._replies: weakref.WeakKeyDictionary[VM, bytes] = weakref.WeakKeyDictionary()
+
+    def prepare(self, vm: VM) -> None:
+        self._replies[vm] = grpc_vm_bytes(vm)
+
+    def take(self, vm: VM) -> bytes:
+        reply = self._replies.pop(vm, None)
+        return reply if reply is not None else grpc_vm_bytes(vm)
 
 
-def _claimant(context: _Context) -> Owner | None:
+def _trace_context(metadata: dict[str, str]) -> Context | None:
+    # The client's span travels as W3C traceparent metadata; most calls carry none.
+    return propagate.extract(metadata) if _TRACEPARENT in metadata else None
+
+
+def _claimant(metadata: dict[str, str]) -> Owner | None:
     """The live caller a GetBaseVM names as the VM's next owner, if it names one."""
-    metadata = dict(context.invocation_metadata() or ())
     try:
         # A client from before the kind was sent takes the VM as DIRECT, and records its own kind.
         kind = OwnerKind(metadata.get(OWNER_KIND_KEY, OwnerKind.DIRECT.value))
@@ -66,10 +83,12 @@ def _claimant(context: _Context) -> Owner | None:
 
 class CacheService:
     def __init__(self, factory: Factory, on_quit: Callable[[], None],
-                 on_handed_out: Callable[[float], None] = lambda seconds: None) -> None:
+                 on_handed_out: Callable[[float], None] = lambda seconds: None,
+                 replies: PreparedReplies | None = None) -> None:
         self.factory = factory
+        self._replies = replies if replies is not None else PreparedReplies()  # server.py fills it on_ready
         self._on_quit = on_quit
-        self._on_handed_out = on_handed_out  # metrics: GetBaseVM's duration
+        self._on_handed_out = on_handed_out  # metrics: a VM the client received, and GetBaseVM's duration
         self._stopping: set[asyncio.Task[None]] = set()
         config = factory.config()
         # Computed once, as upstream: the base config does not change.
@@ -82,7 +101,8 @@ class CacheService:
 
     async def get_base_vm(self, request: empty_pb2.Empty, context: _Context) -> bytes:
         started = time.perf_counter()
-        with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(context), subsystem="vmcache") as ctx:
+        metadata = dict(context.invocation_metadata() or ())
+        with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(metadata), subsystem="vmcache") as ctx:
             try:
                 lease = await self.factory.lease_base_vm(ctx)
             except Exception as err:
@@ -92,18 +112,22 @@ class CacheService:
                 # The receiver connects to QMP and the agent next: a QMP socket
                 # serves one client, so let go of both first.
                 await vm.disconnect()
-                claimant = _claimant(context)
+                claimant = _claimant(metadata)
                 if claimant is not None:
                     vm.hypervisor.record_owner(claimant)
-                reply = grpc_vm_bytes(vm)
+                reply = self._replies.take(vm)
             except BaseException:
                 await lease.give_back()
                 raise
 
+            seconds = time.perf_counter() - started
+
             def done(call: Any) -> None:  # the finished call: cancelled() tells a client that left
-                # Ended after the reply has gone out: refilling starts a QEMU, which blocks the loop.
+                # Ended after the reply has gone out: refilling starts a QEMU, which blocks the loop,
+                # and the metrics (a pass over the pool's slots) need not delay the reply either.
                 if not call.cancelled():
                     lease.commit()
+                    self._on_handed_out(seconds)
                     return
                 # A client that went away mid-call never receives the VM: stop it rather than
                 # leave a QEMU nobody owns.
@@ -114,7 +138,6 @@ class CacheService:
 
             # types-grpcio declares a class here; grpc takes any callable of the call.
             context.add_done_callback(done)  # type: ignore[arg-type]
-            self._on_handed_out(time.perf_counter() - started)
             return reply
 
     async def status(self, request: empty_pb2.Empty, context: _Context) -> cache_pb2.GrpcStatus:
