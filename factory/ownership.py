@@ -25,6 +25,8 @@ from hostos import process
 OWNER_FILE = "owner.json"
 # prepare()'s stand-in for the next record, beside it.
 PREPARED_FILE = f".{OWNER_FILE}.prepared"
+# prepare()'s second name for the current record, so that replacing it frees no inode.
+PREVIOUS_FILE = f".{OWNER_FILE}.previous"
 # A prepared record's size: the longest record (a 64-character container id, pids and start
 # times of 20 digits) is about 160 bytes; JSON ignores the spaces that pad a shorter one.
 PREPARED_SIZE = 512
@@ -118,11 +120,13 @@ def write(run_dir: Path, owner: Owner) -> None:
 
 
 def prepare(run_dir: Path) -> None:
-    """Makes the next write() in `run_dir` an overwrite of blocks already on disk and a rename.
+    """Makes the next write() in `run_dir` an overwrite of blocks already on disk and a rename
+    that frees nothing: ~30 µs on ext4 instead of 0.3-3 ms (measured on a cold CPU).
 
-    On ext4, renaming a freshly written file over the old record flushes the new one first
-    (auto_da_alloc): 0.3-3 ms, on a hand-out's path when the run root is not a tmpfs. A file
-    written and synced ahead of time (here, off that path) is renamed in ~50 µs.
+    On ext4 a rename over the old record first flushes a freshly written file (auto_da_alloc)
+    and then frees the replaced inode, both synchronously. So the stand-in is written and synced
+    here, off the hand-out's path, and the current record gets a second name that keeps its
+    inode alive through the rename (removed by the next prepare() or with the run directory).
     """
     fd = os.open(run_dir / PREPARED_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644)
@@ -131,6 +135,12 @@ def prepare(run_dir: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    previous = run_dir / PREVIOUS_FILE
+    previous.unlink(missing_ok=True)
+    try:
+        os.link(path_in(run_dir), previous, follow_symlinks=False)
+    except FileNotFoundError:
+        pass  # no record yet: the rename replaces nothing
 
 
 def _fill_prepared(prepared: Path, data: bytes) -> bool:

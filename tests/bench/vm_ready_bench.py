@@ -160,8 +160,8 @@ def _report(section: common.Section, samples: dict[str, list[float]],
         "VM ready latency: get_vm → running, RNG reseeded, clock set, agent answered",
         ["strategy", "runs", "p50", "p90", "min", "max"], rows,
         "cache and VMCache: each get_vm waits until the pool is full, then is timed. The taken slot's "
-        "refill (a clone) starts once get_vm has set the VM up (cache) or once the GetBaseVM reply is out "
-        "(VMCache: it then competes for the cores during the rest of get_vm)."))
+        "refill (a clone) starts once get_vm has set the VM up (cache) or 30 ms after the GetBaseVM reply "
+        "is out (VMCache: by then the client has set the VM up; at once if another caller waits)."))
 
     medians: dict[str, dict[str, float]] = {}
     for key, _, _ in STRATEGIES:
