@@ -101,7 +101,8 @@ class CacheService:
 
     async def get_base_vm(self, request: empty_pb2.Empty, context: _Context) -> bytes:
         started = time.perf_counter()
-        metadata = dict(context.invocation_metadata() or ())
+        # Text values only: ours are, and a "-bin" key's bytes mean nothing here.
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         with tracing.span(_TRACER, "vmcache.GetBaseVM", _trace_context(metadata), subsystem="vmcache") as ctx:
             try:
                 lease = await self.factory.lease_base_vm(ctx)

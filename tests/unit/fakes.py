@@ -28,6 +28,7 @@ class FakeQemu:
         self.stopped = False
         self.calls: list[str] = []
         self.owners: list = []  # every owner put on record, in order
+        self.prepared_owner_records = 0
 
     def is_alive(self) -> bool:
         return self.alive and not self.stopped
@@ -36,7 +37,7 @@ class FakeQemu:
         self.owners.append(owner)
 
     def prepare_owner_record(self) -> None:
-        pass
+        self.prepared_owner_records += 1
 
     async def pause(self, ctx=None):
         self.calls.append("pause")

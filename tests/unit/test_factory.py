@@ -230,6 +230,32 @@ def test_cache_wait_is_bounded_with_a_clear_error(monkeypatch):
     asyncio.run(body())
 
 
+def test_a_slot_whose_vm_went_to_another_process_refills_at_once_when_a_caller_waits(monkeypatch):
+    # Held back "forever": only the waiting caller can start the refill before the bound below.
+    monkeypatch.setattr(cache_module, "HANDOUT_REFILL_DELAY_S", 3600.0)
+
+    async def body():
+        base = _FlakyBase()
+        cache = CacheFactory(base, 1)
+        await _until(lambda: len(cache.status()) == 1)
+        lease = await cache.lease()
+        lease.commit()  # handed over: the refill is held back while nobody waits
+        other = await asyncio.wait_for(cache.get_base_vm(base.config()), 30)
+        assert other is not lease.vm and other is base.built[1]
+        await cache.close()
+    asyncio.run(body())
+
+
+def test_a_pooled_vm_has_its_owner_record_prepared_before_it_is_handed_out():
+    async def body():
+        base = _FlakyBase()
+        cache = CacheFactory(base, 1)
+        await _until(lambda: len(cache.status()) == 1)
+        assert base.built[0].hypervisor.prepared_owner_records == 1
+        await cache.close()
+    asyncio.run(body())
+
+
 class _StoppableVM:
     def __init__(self) -> None:
         self.stopped = 0

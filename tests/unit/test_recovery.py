@@ -70,6 +70,23 @@ def test_owner_record_round_trips_and_names_the_acting_kind(run_root):
                                          "owner.json"}  # no temporary file
 
 
+def test_a_prepared_owner_record_is_replaced_whole_and_a_long_one_still_written(run_root):
+    run = _vm_dir(run_root, "vm", Owner(OwnerKind.POOL, 1, 2))
+    ownership.prepare(run.path)
+    taker = Owner(OwnerKind.CONTAINER, 3, 4, "c" * 64)
+    ownership.write(run.path, taker)
+    assert ownership.read(run.path) == taker
+    assert not (run.path / ownership.PREPARED_FILE).exists()  # used up: the next write is a plain one
+    assert json.loads((run.path / ownership.PREVIOUS_FILE).read_text())["kind"] == "pool"  # the old inode, kept
+    ownership.write(run.path, Owner(OwnerKind.DIRECT, 5, 6))
+    assert ownership.read(run.path) == Owner(OwnerKind.DIRECT, 5, 6)
+    # A record longer than the prepared file is written the plain way, whole.
+    ownership.prepare(run.path)
+    huge = Owner(OwnerKind.CONTAINER, 7, 8, "x" * (2 * ownership.PREPARED_SIZE))
+    ownership.write(run.path, huge)
+    assert ownership.read(run.path) == huge
+
+
 def test_a_recycled_pid_is_not_the_owner():
     me = ownership.this_process(OwnerKind.POOL)
     assert not Owner(OwnerKind.POOL, me.pid, me.start_time + 1).is_alive()

@@ -1,0 +1,92 @@
+"""GetBaseVM's server side: whom it records as the VM's owner, and the reply it sends."""
+import asyncio
+import json
+import os
+import tempfile
+
+import grpc
+from google.protobuf import empty_pb2
+
+from factory import ownership
+from factory.factory import Factory
+from factory.grpccache import OWNER_KIND_KEY, OWNER_PID_KEY, OWNER_START_TIME_KEY, _claim_metadata
+from factory.ownership import Owner, OwnerKind
+from native import vmstate
+from tests.unit import fakes
+from vmcache.service import CacheService, PreparedReplies, grpc_vm_bytes
+
+
+class _StatefulBase(fakes.FlakyBase):
+    async def get_base_vm(self, config, ctx=None):
+        vm = await super().get_base_vm(config, ctx)
+        state = {"id": vm.id, "pid": vm.hypervisor.state.pid}
+        vm.hypervisor.state.to_dict = lambda: state
+        return vm
+
+
+def _get_base_vm(base: fakes.FlakyBase, metadata, replies: PreparedReplies | None = None) -> vmstate.GrpcVMFields:
+    workdir = tempfile.TemporaryDirectory(prefix="kvf-u-", dir="/tmp")  # short: a socket path
+    socket_path = os.path.join(workdir.name, "cache.sock")
+
+    async def body():
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([CacheService(Factory(base), lambda: None, replies=replies).handler()])
+        server.add_insecure_port(f"unix:{socket_path}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+                call = channel.unary_unary("/cache.CacheService/GetBaseVM",
+                                           request_serializer=empty_pb2.Empty.SerializeToString,
+                                           response_deserializer=vmstate.decode_grpc_vm)
+                return await call(empty_pb2.Empty(), metadata=metadata, timeout=10)
+        finally:
+            await server.stop(0)
+
+    with workdir:
+        return asyncio.run(body())
+
+
+def test_the_caller_is_recorded_as_owner_with_the_kind_and_container_it_acts_as():
+    base = _StatefulBase()
+    with ownership.acting_as(OwnerKind.CONTAINER, "c1"):
+        metadata = _claim_metadata()
+    _get_base_vm(base, metadata)
+    me = ownership.this_process(OwnerKind.CONTAINER, "c1")
+    assert base.built[0].hypervisor.owners == [me]
+
+
+def test_a_claim_to_a_kind_only_the_server_has_records_nobody():
+    base = _StatefulBase()
+    me = ownership.this_process(OwnerKind.POOL)
+    _get_base_vm(base, ((OWNER_PID_KEY, str(me.pid)), (OWNER_START_TIME_KEY, str(me.start_time)),
+                        (OWNER_KIND_KEY, OwnerKind.POOL.value)))
+    assert base.built[0].hypervisor.owners == []
+
+
+def test_a_claim_for_a_dead_process_records_nobody():
+    base = _StatefulBase()
+    dead = Owner(OwnerKind.DIRECT, os.getpid(), ownership.this_process(OwnerKind.DIRECT).start_time + 1)
+    _get_base_vm(base, ((OWNER_PID_KEY, str(dead.pid)), (OWNER_START_TIME_KEY, str(dead.start_time))))
+    assert base.built[0].hypervisor.owners == []
+
+
+def test_the_reply_is_the_one_prepared_when_the_vm_was_parked():
+    replies = PreparedReplies()
+
+    class _PreparingBase(_StatefulBase):
+        async def get_base_vm(self, config, ctx=None):
+            vm = await super().get_base_vm(config, ctx)
+            replies.prepare(vm)  # as the server's on_ready does
+            vm.hypervisor.state.to_dict = lambda: {"id": "not encoded again at hand-out"}
+            return vm
+
+    base = _PreparingBase()
+    fields = _get_base_vm(base, (), replies)
+    vm = base.built[0]
+    assert json.loads(fields.hypervisor) == {"id": vm.id, "pid": vm.hypervisor.state.pid}
+
+
+def test_a_vm_nobody_prepared_is_encoded_at_hand_out():
+    base = _StatefulBase()
+    fields = _get_base_vm(base, ())
+    assert fields.hypervisor == vmstate.decode_grpc_vm(grpc_vm_bytes(base.built[0])).hypervisor
