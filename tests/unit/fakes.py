@@ -145,3 +145,13 @@ class FlakyBase(FactoryBase):
 
     async def close(self, ctx=None):
         self.closed = True
+
+
+class StatefulBase(FlakyBase):
+    """FlakyBase whose VMs have a hypervisor state to encode (as GetBaseVM sends it)."""
+
+    async def get_base_vm(self, config, ctx=None):
+        vm = await super().get_base_vm(config, ctx)
+        state = {"id": vm.id, "pid": vm.hypervisor.state.pid}
+        vm.hypervisor.state.to_dict = lambda: state
+        return vm

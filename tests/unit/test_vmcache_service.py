@@ -16,14 +16,6 @@ from tests.unit import fakes
 from vmcache.service import CacheService, PreparedReplies, grpc_vm_bytes
 
 
-class _StatefulBase(fakes.FlakyBase):
-    async def get_base_vm(self, config, ctx=None):
-        vm = await super().get_base_vm(config, ctx)
-        state = {"id": vm.id, "pid": vm.hypervisor.state.pid}
-        vm.hypervisor.state.to_dict = lambda: state
-        return vm
-
-
 def _get_base_vm(base: fakes.FlakyBase, metadata, replies: PreparedReplies | None = None) -> vmstate.GrpcVMFields:
     workdir = tempfile.TemporaryDirectory(prefix="kvf-u-", dir="/tmp")  # short: a socket path
     socket_path = os.path.join(workdir.name, "cache.sock")
@@ -47,7 +39,7 @@ def _get_base_vm(base: fakes.FlakyBase, metadata, replies: PreparedReplies | Non
 
 
 def test_the_caller_is_recorded_as_owner_with_the_kind_and_container_it_acts_as():
-    base = _StatefulBase()
+    base = fakes.StatefulBase()
     with ownership.acting_as(OwnerKind.CONTAINER, "c1"):
         metadata = _claim_metadata()
     _get_base_vm(base, metadata)
@@ -56,7 +48,7 @@ def test_the_caller_is_recorded_as_owner_with_the_kind_and_container_it_acts_as(
 
 
 def test_a_claim_to_a_kind_only_the_server_has_records_nobody():
-    base = _StatefulBase()
+    base = fakes.StatefulBase()
     me = ownership.this_process(OwnerKind.POOL)
     _get_base_vm(base, ((OWNER_PID_KEY, str(me.pid)), (OWNER_START_TIME_KEY, str(me.start_time)),
                         (OWNER_KIND_KEY, OwnerKind.POOL.value)))
@@ -64,7 +56,7 @@ def test_a_claim_to_a_kind_only_the_server_has_records_nobody():
 
 
 def test_a_claim_for_a_dead_process_records_nobody():
-    base = _StatefulBase()
+    base = fakes.StatefulBase()
     dead = Owner(OwnerKind.DIRECT, os.getpid(), ownership.this_process(OwnerKind.DIRECT).start_time + 1)
     _get_base_vm(base, ((OWNER_PID_KEY, str(dead.pid)), (OWNER_START_TIME_KEY, str(dead.start_time))))
     assert base.built[0].hypervisor.owners == []
@@ -73,7 +65,7 @@ def test_a_claim_for_a_dead_process_records_nobody():
 def test_the_reply_is_the_one_prepared_when_the_vm_was_parked():
     replies = PreparedReplies()
 
-    class _PreparingBase(_StatefulBase):
+    class _PreparingBase(fakes.StatefulBase):
         async def get_base_vm(self, config, ctx=None):
             vm = await super().get_base_vm(config, ctx)
             replies.prepare(vm)  # as the server's on_ready does
@@ -87,6 +79,6 @@ def test_the_reply_is_the_one_prepared_when_the_vm_was_parked():
 
 
 def test_a_vm_nobody_prepared_is_encoded_at_hand_out():
-    base = _StatefulBase()
+    base = fakes.StatefulBase()
     fields = _get_base_vm(base, ())
     assert fields.hypervisor == vmstate.decode_grpc_vm(grpc_vm_bytes(base.built[0])).hypervisor

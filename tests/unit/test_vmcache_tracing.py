@@ -23,21 +23,13 @@ _provider.add_span_processor(SimpleSpanProcessor(_exporter))
 trace.set_tracer_provider(_provider)
 
 
-class _StatefulBase(fakes.FlakyBase):
-    async def get_base_vm(self, config, ctx=None):
-        vm = await super().get_base_vm(config, ctx)
-        state = {"id": vm.id, "pid": vm.hypervisor.state.pid}
-        vm.hypervisor.state.to_dict = lambda: state
-        return vm
-
-
 def test_get_base_vm_span_is_a_child_of_the_clients_span():
     workdir = tempfile.TemporaryDirectory(prefix="kvf-u-", dir="/tmp")  # short: a socket path
     socket_path = os.path.join(workdir.name, "cache.sock")
 
     async def body():
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers([CacheService(Factory(_StatefulBase()), lambda: None).handler()])
+        server.add_generic_rpc_handlers([CacheService(Factory(fakes.StatefulBase()), lambda: None).handler()])
         server.add_insecure_port(f"unix:{socket_path}")
         await server.start()
         try:
