@@ -23,7 +23,7 @@ def default_kernel_path() -> str:
 def default_initrd_path() -> str:
     # Resolved to the build output itself: every binary's runfiles link to the
     # same file, so the VMCache server and its clients agree on the path.
-    return os.path.realpath(_RUNFILES_ROOT / "guest" / "initramfs.cpio.gz")
+    return os.path.realpath(_RUNFILES_ROOT / "guest" / "initramfs.cpio.lz4")
 
 
 def kernel_pin() -> dict[str, Any]:

@@ -2,7 +2,7 @@
 """Build the guest's initramfs: busybox, init, kernel modules, Python and the agent.
 
     python3 guest/build_initramfs.py --kernel-json /var/cache/kata-vmfactory/kernel/current/kernel.json \\
-        --source-root . --source-root /tmp/gen --out /tmp/initramfs.cpio.gz
+        --source-root . --source-root /tmp/gen --out /tmp/initramfs.cpio.lz4
 
 Agent sources are given as files (--agent-source, as the Bazel genrule does) or found under
 --source-root directories (guest/agent/*.py, protocols/agent/{framing,agent_pb2}.py). Each file
@@ -10,7 +10,7 @@ lands at its import path, so a generated agent_pb2.py from bazel-out/.../bin/ ma
 protocols/agent/agent_pb2.py.
 
 The output is reproducible: the same inputs give the same bytes (sorted entries, mtime 0,
-owner 0, gzip header without time or name, hash-based .pyc files).
+owner 0, deterministic compression, hash-based .pyc files).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ if __package__ in (None, ""):
     # Run as a script: make `guest.initramfs` importable from the source tree.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from guest.initramfs.compress import DEFAULT_METHOD, METHODS, CompressionError, compress  # noqa: E402
 from guest.initramfs.cpio import CpioArchive  # noqa: E402
 from guest.initramfs.kmod import KernelModuleError, ModuleTree, read_module_bytes  # noqa: E402
 from guest.initramfs.python_image import PythonImage, PythonImageError, base_interpreter, site_dir_of  # noqa: E402
@@ -219,7 +220,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--modules", nargs="+", default=list(DEFAULT_MODULES), help="kernel modules to load")
     parser.add_argument("--no-strip", action="store_true", help="keep symbols in ELF files")
-    parser.add_argument("--out", required=True, help="the .cpio.gz to write")
+    parser.add_argument(
+        "--compression", choices=METHODS, default=DEFAULT_METHOD,
+        help="lz4 (default; legacy frame, needs the lz4 command): the fastest for the guest kernel to unpack "
+             "under TCG; gzip; none",
+    )
+    parser.add_argument("--out", required=True, help="the compressed cpio archive to write")
     args = parser.parse_args(argv)
     if not args.source_root:
         args.source_root = ["."]
@@ -233,17 +239,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         archive = build(args)
-    except (BuildError, KernelModuleError, PythonImageError, OSError, ValueError) as exc:
+        data = compress(archive.to_bytes(), args.compression)
+    except (BuildError, KernelModuleError, PythonImageError, CompressionError, OSError, ValueError) as exc:
         log(f"error: {exc}")
         return 1
-    data = archive.to_gzip_bytes()
     tmp = args.out + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, args.out)
     log(
         f"wrote {args.out}: {len(archive)} entries, {archive.payload_bytes / 1e6:.1f} MB of files, "
-        f"{len(data) / 1e6:.2f} MB gzipped, in {time.monotonic() - started:.1f} s"
+        f"{len(data) / 1e6:.2f} MB ({args.compression}), in {time.monotonic() - started:.1f} s"
     )
     return 0
 

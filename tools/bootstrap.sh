@@ -16,14 +16,15 @@ venv=${KATA_VMFACTORY_VENV:-$state/venv}
 #   extensions in native/ and the guest's static helper (bazel-bootstrap pulls
 #   build-essential today; named here because the project needs them, not Bazel);
 # - python3-venv: the pinned venv; ca-certificates: pip's HTTPS;
-# - busybox-static and cpio go into the guest image;
+# - busybox-static and cpio go into the guest image, lz4 compresses it (the format the guest
+#   kernel unpacks fastest under TCG);
 # - systemd brings systemd-analyze, which checks the VMCache unit;
 # - containerd (it brings runc and containerd-shim-runc-v2): the engine the containerd tests
 #   drive kata-runtime with. Its tests start a private daemon; the system service stays as
 #   Debian installs it (enabled, for a node that uses containerd), and no test talks to it;
 # - procps: `kata-runtime ps ID` prints the host's `ps` table of the container's processes, as
 #   runc does (containerd's Top uses the JSON form).
-apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio
+apt_packages=(bazel-bootstrap qemu-system-x86 busybox-static cpio lz4
               python3 python3-dev python3-venv gcc libc6-dev ca-certificates systemd containerd procps)
 
 step() { printf 'bootstrap: %s\n' "$*" >&2; }

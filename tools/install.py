@@ -6,7 +6,7 @@ bazel run //:install -- [--prefix /usr/local] [--sysconfdir /etc] --uninstall
 What goes where (containerd's BinaryName and Docker's `runtimes` point at <prefix>/bin):
   <prefix>/bin/kata-runtime, <prefix>/bin/kata-vmcache-server   launchers on PATH
   <prefix>/lib/kata-vmfactory/                                   the programs' Python code and Cython modules
-  <prefix>/share/kata-vmfactory/vmlinux, initramfs.cpio.gz       the guest kernel and image
+  <prefix>/share/kata-vmfactory/vmlinux, initramfs.cpio.lz4      the guest kernel and image
   <sysconfdir>/kata-containers/configuration.toml               the default configuration, naming those assets
 The launchers run on the project's pinned venv (tools/bootstrap.sh), which stays where it is.
 Every file and directory install creates is listed in <prefix>/lib/kata-vmfactory/install-manifest.json;
@@ -63,7 +63,7 @@ def _sha256(path: Path) -> str:
 def _configuration(layout: Layout) -> str:
     text = (WORKSPACE / "configuration" / "configuration.toml").read_text()
     text = text.replace('kernel = ""', f'kernel = "{layout.share / "vmlinux"}"', 1)
-    return text.replace('initrd = ""', f'initrd = "{layout.share / "initramfs.cpio.gz"}"', 1)
+    return text.replace('initrd = ""', f'initrd = "{layout.share / "initramfs.cpio.lz4"}"', 1)
 
 
 def install(layout: Layout, out=sys.stdout) -> None:
@@ -101,8 +101,8 @@ def install(layout: Layout, out=sys.stdout) -> None:
     put(layout.lib / "tools" / pin.name, lambda t: shutil.copyfile(pin, t))
     print(f"install: programs in {layout.lib}", file=out)
     put(layout.share / "vmlinux", lambda t: shutil.copyfile(kernel, t))
-    put(layout.share / "initramfs.cpio.gz",
-        lambda t: shutil.copyfile(WORKSPACE / "guest" / "initramfs.cpio.gz", t))
+    put(layout.share / "initramfs.cpio.lz4",
+        lambda t: shutil.copyfile(WORKSPACE / "guest" / "initramfs.cpio.lz4", t))
     print(f"install: guest kernel and initramfs in {layout.share}", file=out)
     for name, module in PROGRAMS.items():
         text = _LAUNCHER.format(python=sys.executable, lib=str(layout.lib), module=module,

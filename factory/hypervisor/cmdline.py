@@ -21,9 +21,14 @@ from factory.hypervisor.rundir import RunDir
 # of patching them out for the one boot CPU and back in for the first hot-added one; tsc=reliable
 # and no_timer_check skip the clocksource watchdog and the timer IRQ check; rcu_expedited shortens
 # boot-time RCU grace periods; the i8042 options stop the PS/2 probe (no keyboard or mouse here).
+# init_on_alloc=0: Debian's kernel zeroes every page and slab allocation (INIT_ON_ALLOC_DEFAULT_ON,
+# a hardening against leaks through uninitialised kernel memory); under TCG that zeroing is ~0.3 s
+# of a direct boot (3.54 -> 3.19 s, 4 boots each, interleaved), much of it the initramfs unpacked
+# into freshly allocated pages. The host trusts nothing in the guest (design.md, trust boundary),
+# and pages mapped to user space are zeroed either way.
 BASE_KERNEL_PARAMS = ("console=ttyS0 panic=-1 quiet no_ipi_broadcast=1 "
                       "tsc=reliable no_timer_check rcupdate.rcu_expedited=1 cryptomgr.notests noreplace-smp "
-                      "i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1")
+                      "i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 i8042.noaux=1 init_on_alloc=0")
 
 AGENT_PORT_NAME = "agent.0"
 SHARED_FS_TAG = "kataShared"

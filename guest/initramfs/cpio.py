@@ -1,4 +1,4 @@
-"""A reproducible gzip'd "newc" cpio archive, written without root (device nodes included).
+"""A reproducible "newc" cpio archive, written without root (device nodes included).
 
 Entries are collected first and written sorted by path, with inode numbers assigned in that
 order, mtime 0 and owner root: the same entries give the same bytes, whatever order they were
@@ -7,16 +7,14 @@ added in and whoever runs the build.
 
 from __future__ import annotations
 
-import gzip
 import io
 import stat
 from typing import BinaryIO, Dict, NamedTuple
 
+from guest.initramfs import compress
+
 _MAGIC = b"070701"
 _TRAILER = "TRAILER!!!"
-# Highest compression: the image is built once and unpacked at every boot, where the kernel's
-# inflate speed hardly depends on the level.
-GZIP_LEVEL = 9
 
 
 class Entry(NamedTuple):
@@ -84,14 +82,14 @@ class CpioArchive:
             _write_entry(out, inode, path, self._entries[path])
         _write_entry(out, 0, _TRAILER, Entry(0))
 
-    def to_gzip_bytes(self) -> bytes:
+    def to_bytes(self) -> bytes:
+        """The uncompressed newc archive (guest/initramfs/compress.py compresses it)."""
         raw = io.BytesIO()
         self.write_cpio(raw)
-        out = io.BytesIO()
-        # mtime=0 and no file name in the gzip header: part of being reproducible.
-        with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=GZIP_LEVEL, mtime=0) as gz:
-            gz.write(raw.getvalue())
-        return out.getvalue()
+        return raw.getvalue()
+
+    def to_gzip_bytes(self) -> bytes:
+        return compress.compress(self.to_bytes(), "gzip")
 
 
 def _pad(out: BinaryIO, length: int) -> None:

@@ -41,7 +41,7 @@ def pin_initrd(directory: str, attempts: int = 50) -> str:
     run (Bazel replaces the output file) cannot pull it from under a booting VM."""
     import shutil
     source = assets.default_initrd_path()
-    target = os.path.join(directory, "initramfs.cpio.gz")
+    target = os.path.join(directory, "initramfs.cpio.lz4")
     for attempt in range(attempts):
         try:
             shutil.copyfile(source, target)

@@ -79,7 +79,7 @@ def kata_config(run_root: str, prefix: str, cache: int = 0) -> str:
     Its path is always <run_root>/configuration.toml, which the engine's $KATA_CONF_FILE names."""
     share = os.path.join(prefix, "share", "kata-vmfactory")
     return write_config(run_root, template=False, cache=cache, kernel=f"{share}/vmlinux",
-                        initrd=f"{share}/initramfs.cpio.gz")
+                        initrd=f"{share}/initramfs.cpio.lz4")
 
 
 def runtime_binary(installed: str) -> str:

@@ -27,11 +27,11 @@ def test_the_installed_runtime_runs_a_container_from_its_installed_assets_and_un
     env = json.loads(subprocess.run([runtime, "env"], capture_output=True, text=True, check=True).stdout)
     assert env["Runtime"]["Config"] == f"{prefix}/etc/kata-containers/configuration.toml"
     assert env["Kernel"]["Path"] == f"{share}/vmlinux"
-    assert env["Initrd"]["Path"] == f"{share}/initramfs.cpio.gz"
+    assert env["Initrd"]["Path"] == f"{share}/initramfs.cpio.lz4"
     assert "bazel-out" not in json.dumps(env)
 
     # The installed assets, everything else under the test's root.
-    config = write_config(run_root, template=False, cache=0, initrd=f"{share}/initramfs.cpio.gz")
+    config = write_config(run_root, template=False, cache=0, initrd=f"{share}/initramfs.cpio.lz4")
     bundle = make_bundle(os.path.join(run_root, "bundle"), ["uname", "-s"])
     ran = subprocess.run([runtime, "--root", os.path.join(run_root, "state"), "--config", config,
                           "run", "installed", "--bundle", bundle], capture_output=True, text=True, timeout=300)

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from guest.initramfs import compress
 from guest.initramfs.cpio import CpioArchive, CpioArchiveError
 from guest.initramfs.kmod import KernelModuleError, ModuleTree, modinfo
 
@@ -72,6 +73,29 @@ def test_gnu_cpio_lists_it(tmp_path):
     path.write_bytes(gzip.decompress(sample_archive(["file", "exe", "link", "dev", "init"]).to_gzip_bytes()))
     out = subprocess.run(["cpio", "-it", "--quiet"], stdin=open(path, "rb"), capture_output=True, text=True, check=True)
     assert "bin/sh" in out.stdout.split() and "dev/console" in out.stdout.split()
+
+
+@pytest.mark.skipif(shutil.which("lz4") is None, reason="needs the lz4 tool")
+def test_lz4_is_the_legacy_frame_the_kernel_reads_and_reproducible():
+    raw = sample_archive(["file", "exe", "link", "dev", "init"]).to_bytes()
+    one, two = compress.compress(raw, "lz4"), compress.compress(raw, "lz4")
+    assert one == two
+    assert one[:4] == b"\x02\x21\x4c\x18"  # the legacy magic; the kernel refuses the newer frame
+    assert subprocess.run(["lz4", "-d", "-c"], input=one, capture_output=True, check=True).stdout == raw
+
+
+def test_uncompressed_and_unknown_methods():
+    raw = sample_archive(["init"]).to_bytes()
+    assert compress.compress(raw, "none") == raw
+    assert gzip.decompress(compress.compress(raw, "gzip")) == raw
+    with pytest.raises(compress.CompressionError, match="'zip' is not one of lz4, gzip, none"):
+        compress.compress(raw, "zip")
+
+
+def test_missing_lz4_tool_names_the_package_and_the_fallback(monkeypatch):
+    monkeypatch.setattr(compress.shutil, "which", lambda name: None)
+    with pytest.raises(compress.CompressionError, match="apt-get install lz4.*--compression gzip"):
+        compress.compress(b"x", "lz4")
 
 
 def test_conflicting_or_escaping_paths_are_refused():
