@@ -7,8 +7,9 @@ import zlib
 
 # kata-runtime's --root default (runtime/main.py).
 DEFAULT_ROOT = "/run/kata-vmfactory"
-# Beside the containers' directories; a container ID cannot start with a dot (state._ID).
-WARM_DIR = ".warm"
+# The servers' sockets and locks: outside every state root, whose contents engines and tests
+# take for containers; a tmpfs, so nothing outlives a reboot. Made 0700 by the first server.
+WARM_DIR = "/run/kata-vmfactory-warm"
 # Commands that run warm. Not exec (a detached exec's holder is the caller's child and outlives
 # it), not factory (init is a long-running server), not the ones that start no container and
 # are quick cold anyway (spec, features, check, env, version).
@@ -31,8 +32,9 @@ def program_dir() -> str:
 
 def socket_path(root: str, program: str) -> str:
     """One server per state root and program: a server runs the code it was started with, and two
-    installs (or two builds) share a root only by accident."""
-    return os.path.join(root, WARM_DIR, f"{zlib.crc32(program.encode()):08x}.sock")
+    installs (or two builds) share a root only by accident. (The server checks both in each
+    request: the names are short hashes.)"""
+    return os.path.join(WARM_DIR, f"{zlib.crc32(program.encode()):08x}-{zlib.crc32(root.encode()):08x}.sock")
 
 
 def parse(argv: list[str]) -> tuple[str, str] | None:

@@ -16,6 +16,8 @@ from runtime.warm import address, anchor, namespaces, wire
 
 # "0": every command runs cold and no server is started (for debugging the cold path).
 SWITCH_ENV = "KATA_RUNTIME_WARM"
+# How start_server passes the state root to the server.
+ROOT_ENV = "KATA_RUNTIME_WARM_ROOT"
 # Signals the caller may send a runtime command (an engine's timeout, Ctrl-C): they go to the
 # worker running it, which reacts as the cold command would.
 FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
@@ -58,7 +60,8 @@ def forward(argv: list[str]) -> int | None:
         try:
             mask = os.umask(0)
             os.umask(mask)
-            wire.send(sock, {"program": program, "argv": list(argv), "env": dict(os.environ), "umask": mask,
+            wire.send(sock, {"program": program, "root": OUTCOME.root, "argv": list(argv), "env": dict(os.environ),
+                             "umask": mask,
                              "namespaces": namespaces.identity()}, [0, 1, 2, cwd])
         finally:
             os.close(cwd)
@@ -111,12 +114,15 @@ def _pass_on(pid: int, number: int) -> None:
 
 def start_server(root: str) -> None:
     """Starts the warm server of `root` for this program, detached (its own session, stdio on
-    /dev/null), as a fresh interpreter: the cold command's parsed flags and handlers are not its."""
+    /dev/null), as a fresh interpreter: the cold command's parsed flags and handlers are not its.
+    The root goes in its environment, not its command line: whoever cleans up a root by killing
+    the processes that name it must not take the server for a leak (it exits with the root)."""
     import json
 
-    boot = ("import json, sys; sys.path[:0] = json.loads(sys.argv[2]); "
-            "from runtime.warm import server; server.main(sys.argv[1])")
-    argv = [sys.executable, "-I", "-c", boot, root, json.dumps(sys.path)]
+    boot = ("import json, os, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+            "from runtime.warm import server; server.main(os.environ.pop(sys.argv[2]))")
+    argv = [sys.executable, "-I", "-c", boot, json.dumps(sys.path), ROOT_ENV]
+    os.environ[ROOT_ENV] = root
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()

@@ -1,14 +1,13 @@
 """The warm server of one state root and program: imports everything once, then forks a worker
 per command (runtime/warm/__init__.py says why and how).
 
-It runs as root's (the caller's) own user only, accepts only that user's connections and
-commands from its own namespaces, exits when idle, when its socket is removed (the state root is
-gone) or replaced, and when its code changed on disk (it would run stale code: it refuses the
+It runs as the caller's user, accepts only that user's connections and commands from its own
+namespaces, exits when idle, when its state root is removed, when its socket is removed or
+replaced, and when its code changed on disk (it would run stale code: it refuses the
 command, which then runs cold and starts a server of the new code).
 """
 from __future__ import annotations
 
-import fcntl
 import importlib
 import os
 import selectors
@@ -26,6 +25,7 @@ TICK_S = 1.0
 # A worker gets its request right after the connect; one that does not in this long is dropped.
 REQUEST_TIMEOUT_S = 10.0
 LISTEN_BACKLOG = 64
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 # What a command imports on its way (the CLI, the shim and the factory paths it may take).
 WARM_MODULES = (
     "runtime.main", "runtime.sandbox.commands", "runtime.sandbox.shim", "runtime.sandbox.vm_source",
@@ -39,14 +39,36 @@ def main(root: str) -> None:
     program = address.program_dir()
     path = address.socket_path(root, program)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    directory = os.stat(os.path.dirname(path))
+    if directory.st_uid != os.geteuid() or directory.st_mode & 0o077:
+        return  # not a directory only we can write: no server (commands run cold)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        root_inode = os.stat(root).st_ino
+    except OSError:
+        return  # nothing to serve yet; a command that makes the root starts the next server
+    from hostos import locks
+
+    lock_path = path + ".lock"
+    lock_fd = locks.try_acquire(lock_path)
+    if lock_fd is None:
         return  # another server of this root and program is starting or running
-    for name in WARM_MODULES:
-        importlib.import_module(name)
-    Server(path, program).serve()
+    try:
+        for name in WARM_MODULES:
+            importlib.import_module(name)
+        _become_subreaper()
+        Server(path, program, root, root_inode).serve()
+    finally:
+        locks.remove(lock_path)  # holding it: a server starting now takes a new file
+        os.close(lock_fd)
+
+
+def _become_subreaper() -> None:
+    """A shim outlives the worker that forked it; its parent is then this server, which reaps it,
+    not whichever subreaper adopted the server (a container engine's shim of another container)."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def code_signature(program: str) -> tuple:
@@ -65,9 +87,11 @@ def code_signature(program: str) -> tuple:
 
 
 class Server:
-    def __init__(self, path: str, program: str) -> None:
+    def __init__(self, path: str, program: str, root: str, root_inode: int) -> None:
         self.path = path
         self.program = program
+        self.root = root
+        self.root_inode = root_inode
         self.signature = code_signature(program)
         self.workers: dict[int, socket.socket] = {}  # worker pid -> its client's connection
         self.last_active = time.monotonic()
@@ -123,11 +147,12 @@ class Server:
             for fd in (listener.fileno(), *inherited, *(c.fileno() for c in self.workers.values())):
                 if fd != keep:
                     os.close(fd)
-            _work(conn, self.program)  # never returns
+            _work(conn, self.program, self.root)  # never returns
         self.workers[pid] = conn
 
     def _reap(self) -> None:
-        while self.workers:
+        """Workers, and shims whose worker has exited (this is their subreaper)."""
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -147,7 +172,12 @@ class Server:
 
     def _should_exit(self, inode: int) -> bool:
         if not self._own_socket(inode):
-            return True  # the state root was removed, or another server took the name
+            return True  # removed, or another server took the name
+        try:
+            if os.stat(self.root).st_ino != self.root_inode:
+                return True
+        except OSError:
+            return True  # the state root is gone (a test's, an engine's that was cleaned up)
         return not self.workers and time.monotonic() - self.last_active > IDLE_EXIT_S
 
     def _own_socket(self, inode: int) -> bool:
@@ -179,7 +209,7 @@ def _refuse(conn: socket.socket, why: str) -> None:
     conn.close()
 
 
-def _work(conn: socket.socket, program: str) -> None:
+def _work(conn: socket.socket, program: str, root: str) -> None:
     """A worker: takes the client's stdio, directory and environment, runs the command as the
     cold command line would, reports its exit status. Never returns."""
     code = 1
@@ -190,8 +220,8 @@ def _work(conn: socket.socket, program: str) -> None:
         conn.settimeout(REQUEST_TIMEOUT_S)
         request, fds = wire.receive(conn)
         conn.settimeout(None)
-        if len(fds) != 4 or request.get("program") != program:
-            _refuse(conn, "a request from another program")
+        if len(fds) != 4 or request.get("program") != program or request.get("root") != root:
+            _refuse(conn, "a request from another program or for another state root")
             os._exit(1)
         if request.get("namespaces") != namespaces.identity():
             _refuse(conn, "a client in other namespaces")
