@@ -1,9 +1,9 @@
 """The thin kata-runtime: hands a command to the warm server and exits with its exit status.
 
 Imports only what a cold interpreter has at hand (os and C modules; wire.py says why not socket
-or json): this is all the Python a warm command pays for. Anything unexpected before the server has taken the command (no server,
-one of another build, fds it cannot pass) leaves the command to the cold path, which then starts
-a server for the next command.
+or json): this is all the Python a warm command pays for. Anything unexpected before the server
+has taken the command (no server, one of another build, fds it cannot pass) leaves the command
+to the cold path, which then starts a server for the next command.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _follow(sock: _socket.socket) -> int | None:
         if "worker" in message:
             worker = int(message["worker"])
             for sig in FORWARDED_SIGNALS:
-                _signal.signal(sig, lambda number, _frame: _pass_on(worker, number))
+                _signal.signal(sig, lambda number, _frame, pid=worker: _pass_on(pid, number))
         elif "anchor" in message and fds:
             pid = anchor.start(fds[0], sock)
             wire.send(sock, {"anchor_pid": pid})
