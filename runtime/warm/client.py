@@ -16,8 +16,9 @@ from runtime.warm import address, anchor, namespaces, wire
 
 # "0": every command runs cold and no server is started (for debugging the cold path).
 SWITCH_ENV = "KATA_RUNTIME_WARM"
-# How start_server passes the state root to the server.
+# How start_server passes the state root and this program's sys.path to the server.
 ROOT_ENV = "KATA_RUNTIME_WARM_ROOT"
+PATH_ENV = "KATA_RUNTIME_WARM_PATH"
 # Signals the caller may send a runtime command (an engine's timeout, Ctrl-C): they go to the
 # worker running it, which reacts as the cold command would.
 FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
@@ -115,14 +116,16 @@ def _pass_on(pid: int, number: int) -> None:
 def start_server(root: str) -> None:
     """Starts the warm server of `root` for this program, detached (its own session, stdio on
     /dev/null), as a fresh interpreter: the cold command's parsed flags and handlers are not its.
-    The root goes in its environment, not its command line: whoever cleans up a root by killing
-    the processes that name it must not take the server for a leak (it exits with the root)."""
+    The root and the module path go in its environment, not its command line: whoever cleans up
+    a root (or an install) by killing the processes that name it must not take the server for a
+    leak (it exits with the root, and with its program's directory)."""
     import json
 
-    boot = ("import json, os, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-            "from runtime.warm import server; server.main(os.environ.pop(sys.argv[2]))")
-    argv = [sys.executable, "-I", "-c", boot, json.dumps(sys.path), ROOT_ENV]
+    boot = (f"import json, os, sys; sys.path[:0] = json.loads(os.environ.pop({PATH_ENV!r})); "
+            f"from runtime.warm import server; server.main(os.environ.pop({ROOT_ENV!r}))")
+    argv = [sys.executable, "-I", "-c", boot]
     os.environ[ROOT_ENV] = root
+    os.environ[PATH_ENV] = json.dumps(sys.path)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()

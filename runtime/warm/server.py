@@ -174,10 +174,11 @@ class Server:
         if not self._own_socket(inode):
             return True  # removed, or another server took the name
         try:
-            if os.stat(self.root).st_ino != self.root_inode:
+            if os.stat(self.root).st_ino != self.root_inode or not os.path.isdir(self.program):
                 return True
         except OSError:
-            return True  # the state root is gone (a test's, an engine's that was cleaned up)
+            return True  # the state root is gone (a test's, an engine's that was cleaned up), or
+            # the program is (uninstalled)
         return not self.workers and time.monotonic() - self.last_active > IDLE_EXIT_S
 
     def _own_socket(self, inode: int) -> bool:
