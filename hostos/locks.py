@@ -69,6 +69,11 @@ def _acquire_once(path: str) -> int | None:
         os.close(fd)  # locked a file its holder removed: take the new one
 
 
+def try_acquire(path: str) -> int | None:
+    """acquire() without waiting: None while another process holds the lock."""
+    return _acquire_once(path)
+
+
 def acquire(path: str, timeout_s: float) -> int:
     """An fd holding the exclusive lock on `path` (created if missing); LockTimeoutError after
     `timeout_s`. Closing the fd (or the death of every process holding a copy) releases it, so the

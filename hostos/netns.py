@@ -9,14 +9,15 @@ but TCP connections made afterwards (an OTLP exporter's) start from the new name
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Callable
 
 # <sched.h>
 CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library already loaded into this process: find_library("c") would run `ldconfig -p`
+# (~7 ms) in every command that imports this module.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _check(result: int, what: str) -> None:

@@ -44,11 +44,14 @@ import json
 import logging as std_logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from absl import flags
 
 from runtime.version import RUNTIME_VERSION
+
+if TYPE_CHECKING:
+    from runtime.warm.anchor import Anchor
 
 # The runtime-spec version this runtime implements, as `--version` reports it.
 SPEC_VERSION = "1.0.2"
@@ -86,6 +89,9 @@ flags.DEFINE_integer("lock_fd", -1, "internal: the container's lock, held by the
 FLAGS = flags.FLAGS
 # The shim's log and one rotated predecessor: hours of a chatty container's warnings, bounded.
 SHIM_LOG_MAX_BYTES = 1 << 20
+# Set by a warm worker (runtime/warm/server.py): makes the anchor that stands for a shim forked
+# from the worker, which is not the create command's child. None: the shim is (cold path).
+SHIM_ANCHOR: Callable[[], "Anchor"] | None = None
 
 
 def _version(args: Sequence[str]) -> int:
@@ -173,12 +179,16 @@ def _no_extra_fds() -> None:
 def _fork_shim(container_id: str, bundle: str, status_fd: int, lock_fd: int, console_socket: str) -> int:
     """Starts the container's shim as a fork of this command, whose interpreter and imports are
     ready: no second cold interpreter on the way to the container's first output. The child
-    keeps only stdio, the status pipe and the lock (a --log file is containerd's, not its)."""
+    keeps only stdio, the status pipe and the lock (a --log file is containerd's, not its).
+    Run warm, the shim also keeps its anchor, the container's host process in its stead."""
     config_path = os.path.abspath(FLAGS.config) if FLAGS.config else None
+    anchor = SHIM_ANCHOR() if SHIM_ANCHOR else None
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
+        if anchor:
+            anchor.sock.close()
         return pid
     code = 1
     try:
@@ -186,7 +196,9 @@ def _fork_shim(container_id: str, bundle: str, status_fd: int, lock_fd: int, con
         os.chdir("/")  # holds no mount busy
         _RUNTIME_LOG.handlers[:] = [std_logging.NullHandler()]
         std_logging.getLogger().handlers[:] = []
-        _close_fds_except({0, 1, 2, status_fd, lock_fd})
+        _close_fds_except({0, 1, 2, status_fd, lock_fd} | ({anchor.sock.fileno()} if anchor else set()))
+        if anchor:
+            anchor.introduce()
         if console_socket:
             # A terminal's output goes to the engine's pty, not to our stdio. go-runc captures a
             # terminal create's stdio in a pipe and waits for its end: holding it, the shim
@@ -194,13 +206,15 @@ def _fork_shim(container_id: str, bundle: str, status_fd: int, lock_fd: int, con
             from hostos import process as host_process
 
             host_process.stdio_to_devnull()
-        code = _serve_container(config_path, container_id, bundle, status_fd, lock_fd, console_socket)
+        code = _serve_container(config_path, container_id, bundle, status_fd, lock_fd, console_socket, anchor)
     except BaseException as err:  # its creator reads the status pipe: say why there
         try:
             os.write(status_fd, (json.dumps({"error": f"the shim failed: {err!r}"}) + "\n").encode())
         except OSError:
             pass
     finally:
+        if anchor:
+            anchor.exited(code)
         os._exit(code)
 
 
@@ -267,7 +281,7 @@ def _shim(args: Sequence[str]) -> int:
 
 
 def _serve_container(config_path: str | None, container_id: str, bundle: str, status_fd: int, lock_fd: int,
-                     console_socket: str) -> int:
+                     console_socket: str, anchor: "Anchor | None" = None) -> int:
     """The shim's life: create the container, serve it, return its exit status."""
     import asyncio
     from logging.handlers import RotatingFileHandler
@@ -289,7 +303,7 @@ def _serve_container(config_path: str | None, container_id: str, bundle: str, st
     root_logger.handlers[:] = [handler]
     root_logger.setLevel(std_logging.INFO)
     return asyncio.run(run_shim(store, config, container_id, bundle, status_fd, lock_fd,
-                                console_socket=console_socket))
+                                console_socket=console_socket, anchor=anchor))
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -378,7 +392,7 @@ def run() -> None:
     faulthandler.enable()  # a crash still shows where, as under absl.app
     argv = _parse_flags(sys.argv)
     if FLAGS.help:
-        print(__doc__.strip() + "\n\nFlags:\n" + FLAGS.main_module_help())
+        print(__doc__.strip() + "\n\nFlags:\n" + FLAGS.module_help(__name__))
         sys.exit(0)
     sys.exit(main(argv))
 

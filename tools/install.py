@@ -29,7 +29,7 @@ WORKSPACE = Path(__file__).parent.parent
 PACKAGES = ("configuration", "factory", "hostos", "native", "protocols", "runtime", "vmcache")
 STATE_DIR = Path(os.environ.get("KATA_VMFACTORY_STATE", "/var/cache/kata-vmfactory"))
 MANIFEST = "install-manifest.json"
-PROGRAMS = {"kata-runtime": "runtime.main", "kata-vmcache-server": "vmcache.main"}
+PROGRAMS = {"kata-runtime": "runtime.launch", "kata-vmcache-server": "vmcache.main"}
 
 _LAUNCHER = """#!{python} -I
 # Installed by kata-vmfactory (bazel run //:install); removed by its --uninstall.

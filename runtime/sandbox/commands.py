@@ -99,6 +99,8 @@ def create(store: StateStore, start_shim: ShimStarter, container_id: str, bundle
         print(f"kata-runtime: container {container_id} created: factory path "
               f"{state.annotations.get('io.katacontainers.factory.path')}, phases (ms) "
               f"{state.annotations.get('io.katacontainers.timing.ms')}", file=debug)
+        print(f"kata-runtime: container {container_id} create began and ended at (unix s) "
+              f"{state.annotations.get('io.katacontainers.timing.unix')}", file=debug)
     return 0
 
 

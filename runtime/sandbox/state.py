@@ -56,6 +56,10 @@ class ContainerState:
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
     shim_pid: int = 0
     shim_start_time: int = 0
+    # A warm shim's anchor (runtime/warm/anchor.py): the host process engines know as the
+    # container's, standing for the shim, which is not their command's child. 0: none (cold).
+    anchor_pid: int = 0
+    anchor_start_time: int = 0
     vm_run_root: str = ""  # where the shim's VM lives, recorded before it asks for one
     exit_status: int | None = None
     vm: dict[str, Any] = dataclasses.field(default_factory=dict)  # QemuState of the sandbox VM
@@ -72,7 +76,8 @@ class ContainerState:
     def pid(self) -> int:
         """The container's host pid, as runc's state has it: the shim's while the container is
         there to signal, 0 once it has stopped."""
-        return self.shim_pid if self.status in (Status.CREATED, Status.RUNNING, Status.PAUSED) else 0
+        live = self.status in (Status.CREATED, Status.RUNNING, Status.PAUSED)
+        return (self.anchor_pid or self.shim_pid) if live else 0
 
     def oci(self) -> dict[str, Any]:
         """runc's `state` output (with `reason` when the container stopped other than by exiting)."""

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.warm import address
 from tests.bench import common, runner
 from tests.bench.ctr_run import CtrRun
 from tests.bench.vmcache_server import VMCacheServer
@@ -49,8 +50,14 @@ STRATEGIES = [  # key, label, expected factory path
     ("direct", "direct boot", "direct"),
     ("template", "template clone", "template"),
     ("vmcache", f"VMCache (server, pool {POOL})", "vmcache"),
+    ("vmcache_cold", f"VMCache (server, pool {POOL}), cold command line", "vmcache"),
 ]
+# The row measured with KATA_RUNTIME_WARM=0: every command a fresh interpreter (runtime/warm/).
+COLD_KEY = "vmcache_cold"
 _DEBUG_LINE = re.compile(r"factory path (?P<path>.+?), phases \(ms\) (?P<phases>.*)$")
+_TIMING_LINE = re.compile(r"create began and ended at \(unix s\) (?P<times>\{.*\})$")
+# The runtime's program directory in this benchmark's runfiles (where its warm server is keyed).
+RUNTIME_PROGRAM = str(RUNTIME.parent.parent)
 
 
 def _write_config(root: str, initrd_path: str, template: bool) -> str:
@@ -75,22 +82,37 @@ class Runtime:
             err.seek(0)
             return code, out.read(), err.read()
 
+    def warm_up(self) -> None:
+        """Starts this root's warm server as any earlier command would (runtime/warm/), and waits
+        until it listens: the timed runs are a user's second and later commands."""
+        deadline = time.monotonic() + STATUS_TIMEOUT_S
+        path = address.socket_path(os.path.join(self.root, "state"), RUNTIME_PROGRAM)
+        while not os.path.exists(path):
+            self.call("list")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the runtime's warm server did not start within {STATUS_TIMEOUT_S:.0f} s")
+            time.sleep(0.1)
+
     def vm_pids(self) -> int:
         code, out, _ = self.call("factory", "status")
         return sum(1 for line in out.splitlines() if "VM pid" in line) if code == 0 else 0
 
-    def timed_run(self, bundle: str) -> dict[str, Any]:
-        """One `run`: ms to the first stdout line and to exit, the factory path and phases."""
+    def timed_run(self, bundle: str, cold: bool = False) -> dict[str, Any]:
+        """One `run`: ms to the first stdout line and to exit, the factory path and phases.
+        `cold`: with the warm runtime off (KATA_RUNTIME_WARM=0)."""
         self._n += 1
         cid = f"bench{self._n}"
         err_path = os.path.join(self.root, f"{cid}.stderr")
+        env = dict(os.environ, KATA_RUNTIME_WARM="0") if cold else None
         with open(err_path, "w+") as err:
+            start_unix = time.time()
             start = time.perf_counter()
-            proc = subprocess.Popen(self.base + ["--debug", "run", cid, "--bundle", bundle],
+            proc = subprocess.Popen(self.base + ["--debug", "run", cid, "--bundle", bundle], env=env,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True)
             try:
                 first = proc.stdout.readline()
                 first_ms = (time.perf_counter() - start) * 1000
+                first_unix = start_unix + first_ms / 1000
                 code = proc.wait(RUN_TIMEOUT_S)
                 total_ms = (time.perf_counter() - start) * 1000
             finally:
@@ -104,13 +126,28 @@ class Runtime:
         if code != 0 or first != "hello\n":
             raise RuntimeError(f"kata-runtime run {cid}: exit {code}, first line {first!r}; "
                                f"stderr: {stderr.strip()[-400:]}")
-        path, phases = "?", {}
+        path, phases, run_phases = "?", {}, {}
         for line in stderr.splitlines():
             match = _DEBUG_LINE.search(line)
             if match:
                 path = match.group("path")
                 phases = _parse_phases(match.group("phases"))
-        return {"first_ms": first_ms, "total_ms": total_ms, "path": path, "phases": phases}
+            timing = _TIMING_LINE.search(line)
+            if timing:
+                run_phases = _run_phases(json.loads(timing.group("times")), phases, start_unix, first_unix)
+        return {"first_ms": first_ms, "total_ms": total_ms, "path": path, "phases": phases,
+                "run_phases": run_phases}
+
+
+def _run_phases(times: dict[str, float], create: dict[str, float], start_unix: float,
+                first_unix: float) -> dict[str, float]:
+    """Where a `run` waited for its first line: until the shim began creating (the command line,
+    warm or cold, and the shim's start), create's own phases, then from created to the first line
+    on the host (start, the process's exec in the guest, its output relayed)."""
+    out = {"command line to shim create": (times["began"] - start_unix) * 1000}
+    out.update(create)
+    out["created to first output line"] = (first_unix - times["created"]) * 1000
+    return out
 
 
 def _parse_phases(text: str) -> dict[str, float]:
@@ -139,12 +176,12 @@ def _wait_vm_pids(rt: Runtime, server: VMCacheServer, count: int) -> float:
 
 
 def _measure(rt: Runtime, bundle: str, runs: int, key: str, expected: str,
-             samples: dict[str, list[dict[str, Any]]], before=None) -> None:
+             samples: dict[str, list[dict[str, Any]]], before=None, cold: bool = False) -> None:
     for i in range(runs):
         if before is not None:
             before()
         common.log(f"sandbox: {key} run {i + 1}/{runs}")
-        result = rt.timed_run(bundle)
+        result = rt.timed_run(bundle, cold=cold)
         if result["path"] != expected:
             raise RuntimeError(f"{key}: expected factory path {expected!r}, got {result['path']!r}")
         samples[key].append(result)
@@ -163,6 +200,7 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
         os.makedirs(d_root)
         direct = Runtime(d_root, _write_config(d_root, bench.initrd_path, template=False))
         try:
+            direct.warm_up()
             _measure(direct, bundle, direct_runs, "direct", "direct", samples)
         finally:
             direct.call("factory", "destroy")
@@ -177,6 +215,7 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
             if created["path"] != "template (created)":
                 raise RuntimeError(f"template: first run took factory path {created['path']!r}")
             extra["template_first_run_ms"] = created["total_ms"]
+            template.warm_up()
             _measure(template, bundle, other_runs, "template", "template", samples)
         finally:
             template.call("factory", "destroy")
@@ -187,8 +226,11 @@ async def run(bench: runner.Bench, section: common.Section) -> None:
         try:
             await server.start()
             extra["vmcache_start_s"] = _wait_vm_pids(cache, server, POOL)
+            cache.warm_up()
             _measure(cache, bundle, other_runs, "vmcache", "vmcache", samples,
                      before=lambda: _wait_vm_pids(cache, server, POOL))
+            _measure(cache, bundle, other_runs, COLD_KEY, "vmcache", samples,
+                     before=lambda: _wait_vm_pids(cache, server, POOL), cold=True)
             await measure_ctr_run(bench, root, cache, server, other_runs, extra)
         finally:
             await server.stop()
@@ -277,6 +319,26 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
             "untimed `ctr run -d` probes before the timed runs (a `--rm` run's state is gone when it exits)."
             if phase_runs[CTR_KEY] else ""))
 
+    run_medians: dict[str, dict[str, float]] = {}
+    for k, _, _ in STRATEGIES:
+        runs = [r["run_phases"] for r in samples[k] if r.get("run_phases")]
+        labels = list(dict.fromkeys(label for p in runs for label in p))
+        if runs:
+            run_medians[k] = {label: common.percentile([p.get(label, 0.0) for p in runs], 50) for label in labels}
+            run_medians[k]["first output line"] = stats[k]["first_ms"]["p50"]
+    section.data["run_phase_medians_ms"] = run_medians
+    if run_medians:
+        labels = list(dict.fromkeys(label for m in run_medians.values() for label in m))
+        section.tables.append(common.Table(
+            "Where `kata-runtime run` waits for its first line (median per phase)", ["phase"] + list(run_medians),
+            [[label] + [common.fmt_ms(m[label]) if label in m else "" for m in run_medians.values()]
+             for label in labels],
+            "command line to shim create: from spawning the command to the shim beginning create (the "
+            "command line, warm: handed to the runtime's warm server, whose worker forks the shim; cold: a "
+            "fresh interpreter importing the runtime, which forks the shim). Then create's phases (table above). "
+            "created to first output line: the shim's answer, `start`, the process's exec in the guest and its "
+            "output relayed to the host. Wall clocks of one host; medians per phase need not add up."))
+
     ctr_phases = [r["phases"] for r in ctr_runs if r.get("phases")]
     if ctr_phases:
         labels = list(dict.fromkeys(label for p in ctr_phases for label in p))
@@ -294,6 +356,12 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
     if "template_first_run_ms" in extra:
         section.notes.append(f"first template run (creates the template, untimed): "
                              f"{common.fmt_ms(extra['template_first_run_ms'])}")
+    if stats["vmcache"]["first_ms"]["n"] and stats[COLD_KEY]["first_ms"]["n"]:
+        section.notes.append(
+            "the rows but the cold one run with the runtime's warm server up (runtime/warm/: started by any "
+            "earlier command on the state root, as on a user's machine after the first); the cold row sets "
+            f"KATA_RUNTIME_WARM=0 (every command a fresh interpreter): cold : warm first output p50 = "
+            f"{stats[COLD_KEY]['first_ms']['p50'] / stats['vmcache']['first_ms']['p50']:.2f}")
     if "vmcache_start_s" in extra:
         section.notes.append(f"VMCache server start to {POOL} VMs in `factory status`: "
                              f"{extra['vmcache_start_s']:.1f} s")

@@ -23,6 +23,7 @@ import pytest
 
 from hostos import process
 from runtime.runtime_log import last_error
+from runtime.warm import address
 from tests.integration.bundles import make_bundle
 from tests.integration.vmtest import clean_up_root, mounts_under, short_tempdir, wait_for, write_config
 
@@ -242,6 +243,50 @@ def test_delete_of_a_created_container_ends_its_process_as_killed(engine, bundle
     finally:
         init.close()
         engine.run(bundle, "delete", "--force", "c2")
+
+
+def _create_warm(engine: Engine, bundle: str, container_id: str) -> tuple[int, dict, Stdio, subprocess.Popen]:
+    """`create` once the warm server of the engine's root is up: (the pid-file pid, the saved
+    state, the container's stdio, the create command)."""
+    wait_for("the warm server", lambda: engine.check(bundle, "list") is not None and os.path.exists(
+        address.socket_path(engine.state_root, os.path.abspath("."))), DEADLINE_S)
+    pid_file = os.path.join(bundle, f"{container_id}.pid")
+    init = Stdio()
+    create = init.start(engine.argv(bundle, "create", "--bundle", bundle, "--pid-file", pid_file, container_id))
+    assert create.wait(DEADLINE_S) == 0, last_error(os.path.join(bundle, "log.json"))
+    saved = json.loads(Path(engine.state_root, container_id, "state.json").read_text())
+    return int(Path(pid_file).read_text()), saved, init, create
+
+
+def test_a_warm_shims_anchor_is_the_containers_process(engine, bundle):
+    """Run warm, the shim is the warm server's child; the process engines know and reap is its
+    anchor, the create command's child: it exits with the container's status, and killing it
+    stops the container, as killing runc's process does."""
+    make_bundle(bundle + "-exit", ["sh", "-c", "read x; exit 7"])
+    anchor, saved, init, _ = _create_warm(engine, bundle + "-exit", "c5")
+    try:
+        assert saved["anchor_pid"] == anchor != saved["shim_pid"] > 0
+        engine.check(bundle, "start", "c5")
+        init.write(b"go\n")
+        assert _reap(anchor) == 7
+        engine.check(bundle, "delete", "c5")
+    finally:
+        init.close()
+        engine.run(bundle, "delete", "--force", "c5")
+
+    anchor, saved, init, _ = _create_warm(engine, bundle, "c6")
+    try:
+        engine.check(bundle, "start", "c6")
+        assert init.read_line() == b"ready\n"
+        os.kill(anchor, signal.SIGKILL)
+        assert _reap(anchor) == 128 + signal.SIGKILL
+        wait_for("the container to stop with its anchor",
+                 lambda: engine.state(bundle, "c6")["status"] == "stopped", DEADLINE_S)
+        assert process.wait_gone(saved["shim_pid"], saved["shim_start_time"], DEADLINE_S)
+        engine.check(bundle, "delete", "c6")
+    finally:
+        init.close()
+        engine.run(bundle, "delete", "--force", "c6")
 
 
 def test_kill_all_reaches_the_execs_and_errors_keep_runcs_words(engine, bundle):
