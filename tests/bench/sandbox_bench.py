@@ -86,7 +86,9 @@ class Runtime:
         """Starts this root's warm server as any earlier command would (runtime/warm/), and waits
         until it listens: the timed runs are a user's second and later commands."""
         deadline = time.monotonic() + STATUS_TIMEOUT_S
-        path = address.socket_path(os.path.join(self.root, "state"), RUNTIME_PROGRAM)
+        state_root = os.path.join(self.root, "state")
+        os.makedirs(state_root, exist_ok=True)  # a server serves an existing root (its first create makes it)
+        path = address.socket_path(state_root, RUNTIME_PROGRAM)
         while not os.path.exists(path):
             self.call("list")
             if time.monotonic() > deadline:
