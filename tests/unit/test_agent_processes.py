@@ -1,4 +1,4 @@
-"""Process execution in the guest agent (processes.py, rootfs.py, mounts.py), run on the host.
+"""Process execution in the guest agent (processes.py, mounts.py) and its helper, run on the host.
 
 Real fork and exec with rootfs "/" (the host's own /bin/sh): pipes, exit statuses, signals and
 stdin are the real thing. chroot, other uids and real mounts need privileges Bazel's sandbox may
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from guest.agent import mounts, rootfs
+from guest.agent import mounts
 from guest.agent.fakeroot import FakeGuest
 from guest.agent.handler import AgentHandler
 from guest.agent.messages import RequestError
@@ -254,6 +254,21 @@ def test_relative_and_absolute_program_paths(guest, tmp_path):
     assert "is not an executable file" in created.error
 
 
+def test_the_program_is_searched_in_path_as_execvp_does(guest, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "a" / "prog").write_text("#!/bin/sh\necho a\n")  # not executable: skipped
+    (tmp_path / "b" / "prog").write_text("#!/bin/sh\necho b\n")
+    (tmp_path / "b" / "prog").chmod(0o755)
+    path = f"PATH={tmp_path}/a:{tmp_path}/b"
+    assert guest.run("p1", ["prog"], env=[path]) == 0
+    assert guest.output("p1") == b"b\n"
+    assert guest.run("p2", ["prog"], env=["PATH=/nonexistent:"], cwd=str(tmp_path / "b")) == 0  # "": the cwd
+    assert guest.output("p2") == b"b\n"
+    created = guest.create("p3", ["prog"], env=[f"PATH={tmp_path}/a"])
+    assert f"{tmp_path}/a/prog is not an executable file (PATH={tmp_path}/a)" in created.error
+
+
 def test_missing_cwd_is_an_error_at_create(guest):
     created = guest.create("p1", ["true"], cwd="/no/such/dir")
     assert "chdir /no/such/dir" in created.error and "No such file or directory" in created.error
@@ -409,44 +424,6 @@ def test_output_waits_in_the_pipe_while_the_host_is_behind(tmp_path):
         handler.processes.close()
         host_sock.close()
         guest_sock.close()
-
-
-# --- rootfs lookups ------------------------------------------------------------------------------------
-
-
-def _busybox_tree(root):
-    (root / "bin").mkdir(parents=True)
-    (root / "bin" / "busybox").write_bytes(b"\x7fELF")
-    (root / "bin" / "busybox").chmod(0o755)
-    for applet in ("sh", "echo"):
-        os.symlink("/bin/busybox", root / "bin" / applet)
-    (root / "usr").mkdir()
-    os.symlink("../bin", root / "usr" / "bin")
-    os.symlink("../../../../etc/passwd", root / "escape")
-    os.symlink("loop", root / "loop")
-    return root
-
-
-def test_absolute_symlinks_resolve_inside_the_root(tmp_path):
-    root = _busybox_tree(tmp_path / "rootfs")
-    assert rootfs.resolve_in_root(str(root), "/bin/sh") == str(root / "bin" / "busybox")
-    assert rootfs.resolve_in_root(str(root), "/usr/bin/echo") == str(root / "bin" / "busybox")
-    # ".." stops at the root, as in a chroot.
-    with pytest.raises(FileNotFoundError):
-        rootfs.resolve_in_root(str(root), "/escape")
-    with pytest.raises(OSError, match="Too many levels"):
-        rootfs.resolve_in_root(str(root), "/loop")
-
-
-def test_find_executable_searches_path_inside_the_root(tmp_path):
-    root = str(_busybox_tree(tmp_path / "rootfs"))
-    assert rootfs.find_executable(root, "sh", {"PATH": "/sbin:/usr/bin:/bin"}, "/") == "/usr/bin/sh"
-    assert rootfs.find_executable(root, "echo", {}, "/") == "/usr/bin/echo"  # the default PATH: /usr/bin first
-    assert rootfs.find_executable(root, "busybox", {"PATH": ""}, "/bin") == "/bin/busybox"
-    with pytest.raises(RequestError, match=r"'ls' not found in rootfs .*\(PATH=/bin\)"):
-        rootfs.find_executable(root, "ls", {"PATH": "/bin"}, "/")
-    with pytest.raises(RequestError, match="is not an executable file"):
-        rootfs.find_executable(root, "bin", {"PATH": "/"}, "/")
 
 
 def _can(operation) -> bool:
