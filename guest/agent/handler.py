@@ -61,6 +61,7 @@ class AgentHandler:
         monotonic: Callable[[], float] = time.monotonic,
         online_wait_timeout_s: float = ONLINE_WAIT_TIMEOUT_S,
         mount: mounts.MountFunction = mounts.mount_syscall,
+        warm_up: bool = False,
     ) -> None:
         self.root = root if root is not None else GuestRoot()
         self._set_realtime_ns = set_realtime_ns
@@ -69,6 +70,7 @@ class AgentHandler:
         self._pending: List[_PendingOnline] = []
         self._mount = mount
         self.processes = ProcessTable(mountinfo_path=self._mountinfo_path, mount=mount, contain_path=root.contain)
+        self._warm_up = warm_up
 
     @property
     def _mountinfo_path(self) -> str:
@@ -294,9 +296,15 @@ class AgentHandler:
             self._pending.append(pending)
         return answer
 
-    def _handle_mount_shared(self, request_id: int, request: agent_pb2.MountSharedRequest) -> agent_pb2.GuestMessage:
+    def _handle_mount_shared(
+        self, request_id: int, request: agent_pb2.MountSharedRequest
+    ) -> Optional[agent_pb2.GuestMessage]:
         if mounts.mount_9p_share(request.tag, request.mount_point, self._mountinfo_path, self._mount):
             log(f"mounted 9p share {request.tag!r} at {request.mount_point}")
+            # The first mount in this VM (a template never mounts the share: it could not be
+            # migrated): its containers are coming, and a cache mounts it before parking the VM.
+            if self._warm_up and self.processes.warm_up(request_id, "mount_shared"):
+                return None  # answered once the warm-up container is done
         return self._reply(request_id, "mount_shared")
 
     # Process requests: answered later (None) when the answer depends on the child.
