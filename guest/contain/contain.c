@@ -127,6 +127,7 @@ static struct {
     const char *exec_path;
     const char *search;    /* --search: PATH to find exec_path in, as execvp, inside the container */
     const char *root_name; /* the rootfs as the host named it, for messages */
+    int exec_fd;           /* the program found by --search, open for execveat; else -1 */
     char **argv;
 } cfg;
 
@@ -211,6 +212,7 @@ static void parse(int argc, char **argv) {
     int i = 1;
 #define NEED(k) do { if (i + (k) >= argc) usage(argv[i]); } while (0)
     cfg.cwd = "/";
+    cfg.exec_fd = -1;
     for (; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--")) { i++; break; }
@@ -357,6 +359,20 @@ static void mkdirs(const char *path, mode_t mode) {
     make_dir(buf, mode);
 }
 
+/* The directory `path` (made if missing), held open so that its dentry stays cached until the
+ * caller closes the fd: on the 9p rootfs (cache=mmap) an unused dentry is dropped at once, and
+ * each lookup of it is then a walk to the host (~1 ms under TCG); held, the mount on it that
+ * follows finds it in the cache. */
+static int mount_point(const char *path, mode_t mode) {
+    int fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        mkdirs(path, mode);
+        fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    }
+    if (fd < 0) fail(errno, "mount point %s", path);
+    return fd;
+}
+
 static void do_mount(const char *source, const char *target, const char *type, unsigned long flags, const char *data) {
     if (mount(source, target, type, flags, data && *data ? data : NULL))
         fail(errno, "mount -t %s %s %s", type ? type : "(bind)", source ? source : "none", target);
@@ -445,11 +461,15 @@ static void apply_oci_mount(const struct mount_spec *m) {
 static void setup_mounts(void) {
     /* Nothing done here may reach the guest's own mounts. */
     do_mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
-    if (mount(cfg.rootfs, cfg.rootfs, NULL, MS_BIND | MS_REC, NULL)) {
+    /* Held until pivot_root: the rootfs's dentry and its parents stay cached, so the bind and
+     * the chdir below find them without walking the 9p share again (see mount_point). */
+    int rootfs = open(cfg.rootfs, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfs < 0) {
         if (errno == ENOENT || errno == ENOTDIR)
             fail(errno, "rootfs %s is not a directory in the guest (was the share mounted?)", cfg.rootfs);
-        fail(errno, "bind the rootfs %s", cfg.rootfs);
+        fail(errno, "open the rootfs %s", cfg.rootfs);
     }
+    do_mount(cfg.rootfs, cfg.rootfs, NULL, MS_BIND | MS_REC, NULL);
     take_shared_sources();
     int oldroot = open("/", O_DIRECTORY | O_RDONLY | O_CLOEXEC);
     if (oldroot < 0) fail(errno, "open /");
@@ -462,10 +482,12 @@ static void setup_mounts(void) {
     do_mount(NULL, ".", NULL, MS_REC | MS_SLAVE, NULL);
     if (umount2(".", MNT_DETACH)) fail(errno, "detach the guest's root");
     if (chdir("/")) fail(errno, "chdir / in the rootfs");
+    close(rootfs);
     mark("pivot_root");
 
-    mkdirs("/proc", 0555);
+    int pin = mount_point("/proc", 0555);
     do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    close(pin);
     /* Sysctls, before /proc/sys turns read-only below: the agent let through only those in the
      * container's own IPC/UTS namespaces or its VM's network namespace. */
     for (int i = 0; i < cfg.n_sysctls; i++) {
@@ -476,11 +498,13 @@ static void setup_mounts(void) {
         close(fd);
     }
     mark("proc");
-    mkdirs("/dev", 0755);
+    pin = mount_point("/dev", 0755);
     setup_dev();
+    close(pin);
     mark("dev");
-    mkdirs("/sys", 0555);
+    pin = mount_point("/sys", 0555);
     do_mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    close(pin);
     mark("sys");
     for (int i = 0; i < cfg.n_mounts; i++) apply_oci_mount(&cfg.mounts[i]);
     mark("oci_mounts");
@@ -614,44 +638,57 @@ static void set_credentials(void) {
     }
 }
 
+/* An executable regular file at `path`, opened (O_PATH) for the exec; -1 if none. Sets
+ * *exists when something is there. */
+static int open_executable(const char *path, int *exists) {
+    int fd = open(path, O_PATH | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st)) {
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    *exists = 1;
+    if (S_ISREG(st.st_mode) && st.st_mode & 0111) return fd;
+    close(fd);
+    return -1;
+}
+
 /* execvp's search, done here, inside the container, as its user, with its root and cwd: the
  * lookup sees what the exec will see (symlinks resolve inside the rootfs), and on the host's 9p
- * share each path walk starts from the container's root instead of the share's. A program
- * missing or not executable fails CreateProcess (exit 127 / 126), as runc's create does. */
+ * share each path walk starts from the container's root instead of the share's. The file found
+ * stays open for the exec (no second walk at start, and what was checked is what runs). A
+ * program missing or not executable fails CreateProcess (exit 127 / 126), as runc's create does. */
 static void find_executable(void) {
     static char found[PATH_MAX];
     const char *program = cfg.exec_path;
-    struct stat st;
+    int exists = 0;
     if (!*program) fail_status(127, "args[0] is empty");
     if (strchr(program, '/')) {
-        if (stat(program, &st) == 0 && S_ISREG(st.st_mode) && st.st_mode & 0111) return;
-        if (stat(program, &st) == 0)
+        if ((cfg.exec_fd = open_executable(program, &exists)) >= 0) return;
+        if (exists)
             fail_status(126, "executable '%s' in rootfs %s: %s is not an executable file", program, cfg.root_name,
                         program);
         fail_status(127, "executable '%s' not found in rootfs %s", program, cfg.root_name);
     }
-    const char *not_executable = NULL;
-    char first_bad[PATH_MAX];
+    char not_executable[PATH_MAX] = "";
     for (const char *dir = cfg.search;; dir++) {
         const char *end = strchrnul(dir, ':');
         int len = end - dir;
         /* An empty entry is the cwd (POSIX). */
         int n = len ? snprintf(found, sizeof found, "%.*s/%s", len, dir, program)
                     : snprintf(found, sizeof found, "%s", program);
-        if (n > 0 && n < (int)sizeof found && stat(found, &st) == 0) {
-            if (S_ISREG(st.st_mode) && st.st_mode & 0111) {
+        if (n > 0 && n < (int)sizeof found) {
+            exists = 0;
+            if ((cfg.exec_fd = open_executable(found, &exists)) >= 0) {
                 cfg.exec_path = found;
                 return;
             }
-            if (!not_executable) {
-                snprintf(first_bad, sizeof first_bad, "%s", found);
-                not_executable = first_bad;
-            }
+            if (exists && !*not_executable) snprintf(not_executable, sizeof not_executable, "%s", found);
         }
         if (!*end) break;
         dir = end;
     }
-    if (not_executable)
+    if (*not_executable)
         fail_status(126, "executable '%s' in rootfs %s: %s is not an executable file (PATH=%s)", program,
                     cfg.root_name, not_executable, cfg.search);
     fail_status(127, "executable '%s' not found in rootfs %s (PATH=%s)", program, cfg.root_name, cfg.search);
@@ -680,6 +717,11 @@ static void run_program(void) {
     do got = read(START_FD, &start, 1); while (got < 0 && errno == EINTR);
     if (got != 1 || start != 'S') _exit(1); /* the agent went away without starting us */
     close(START_FD);
+    if (cfg.exec_fd >= 0) {
+        syscall(SYS_execveat, cfg.exec_fd, "", cfg.argv, environ, AT_EMPTY_PATH);
+        /* ENOENT: a "#!" script, whose interpreter cannot open a close-on-exec fd: by path. */
+        if (errno != ENOENT) fail(errno, "exec %s", cfg.exec_path);
+    }
     execve(cfg.exec_path, cfg.argv, environ);
     fail(errno, "exec %s", cfg.exec_path);
 }
