@@ -287,7 +287,8 @@ class _Latency:
 
     def read_agent_log(self, vm: VM, exec_ids: set[str]) -> None:
         log = vm.hypervisor.run.console_log.read_text(errors="replace")
-        self.agent += [_steps(found.group(2)) for found in AGENT_TIMING_LINE.finditer(log) if found.group(1) in exec_ids]
+        self.agent += [_steps(found.group(2)) for found in AGENT_TIMING_LINE.finditer(log)
+                       if found.group(1) in exec_ids]
 
     def report(self, label: str) -> str:
         runs = len(self.phases["create"])

@@ -16,7 +16,6 @@ import pytest
 from guest.agent import mounts
 from guest.agent.fakeroot import FakeGuest
 from guest.agent.handler import AgentHandler
-from guest.agent.messages import RequestError
 from guest.agent.processes import OUTPUT_CHUNK_BYTES, exit_status_of
 from guest.agent.service import MAX_QUEUED_EVENTS, AgentService
 from protocols.agent import agent_pb2
