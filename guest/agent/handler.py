@@ -19,7 +19,7 @@ from guest.agent import AGENT_VERSION, hotplug, mounts
 from guest.agent.guestfs import GuestRoot
 from guest.agent.log import describe_exception, log
 from guest.agent.messages import RequestError, reply_message, response_message
-from guest.agent.processes import ProcessTable
+from guest.agent.processes import WARM_UP_ROOTFS, ProcessTable
 from guest.agent.uevent import Uevent
 from protocols.agent import agent_pb2
 from protocols.agent.framing import PROTOCOL_VERSION, UNSUPPORTED_REQUEST, OversizedFrame
@@ -69,7 +69,8 @@ class AgentHandler:
         self._online_wait_timeout_s = online_wait_timeout_s
         self._pending: List[_PendingOnline] = []
         self._mount = mount
-        self.processes = ProcessTable(mountinfo_path=self._mountinfo_path, mount=mount, contain_path=root.contain)
+        self.processes = ProcessTable(mountinfo_path=self._mountinfo_path, mount=mount, contain_path=root.contain,
+                                      warm_up_rootfs=self.root.path(WARM_UP_ROOTFS.lstrip("/")))
         self._warm_up = warm_up
 
     @property

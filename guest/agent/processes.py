@@ -186,7 +186,7 @@ def _event(kind: str) -> agent_pb2.GuestMessage:
 
 class ProcessTable:
     def __init__(self, mountinfo_path: str = "/proc/self/mountinfo", mount: mounts.MountFunction = mounts.mount_syscall,
-                 contain_path: str = containment.DEFAULT_CONTAIN_PATH) -> None:
+                 contain_path: str = containment.DEFAULT_CONTAIN_PATH, warm_up_rootfs: str = WARM_UP_ROOTFS) -> None:
         self._procs: Dict[str, _Process] = {}
         # Children still to reap that no exec_id names any more (failed during CREATING).
         self._orphans: List[_Process] = []
@@ -196,6 +196,7 @@ class ProcessTable:
         self._mountinfo_path = mountinfo_path
         self._mount = mount
         self._contain_path = contain_path
+        self._warm_up_rootfs = warm_up_rootfs
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -316,15 +317,16 @@ class ProcessTable:
         if self._warm_ups:
             return False
         try:
-            os.makedirs(WARM_UP_ROOTFS, exist_ok=True)
-            request = agent_pb2.CreateProcessRequest(exec_id=WARM_UP_ID, args=WARM_UP_ARGS, rootfs=WARM_UP_ROOTFS,
-                                                     hostname=WARM_UP_ID, cwd="/")
+            os.makedirs(self._warm_up_rootfs, exist_ok=True)
+            request = agent_pb2.CreateProcessRequest(exec_id=WARM_UP_ID, args=WARM_UP_ARGS,
+                                                     rootfs=self._warm_up_rootfs, hostname=WARM_UP_ID, cwd="/")
             proc = self._spawn(CreatePlan(request, self._contain_path))
         except (OSError, RequestError) as exc:
             log(f"warm-up container not started: {exc}")
             return False
         proc.marks = [("spawned", time.monotonic())]
         proc.create_request, proc.warm_up_reply = request_id, reply_kind
+        assert proc.start_fd is not None
         os.write(proc.start_fd, b"S")  # read once set up: it execs at once
         _close(proc.start_fd)
         proc.start_fd = None

@@ -16,7 +16,7 @@ import pytest
 from guest.agent import mounts
 from guest.agent.fakeroot import FakeGuest
 from guest.agent.handler import AgentHandler
-from guest.agent.processes import OUTPUT_CHUNK_BYTES, exit_status_of
+from guest.agent.processes import OUTPUT_CHUNK_BYTES, WARM_UP_ROOTFS, exit_status_of
 from guest.agent.service import MAX_QUEUED_EVENTS, AgentService
 from protocols.agent import agent_pb2
 from protocols.agent.framing import FrameDecoder, encode_frame
@@ -32,10 +32,10 @@ class MountCalls(list):
 class Guest:
     """The handler plus a minimal loop (what service.py does with its fds) and what it said."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, warm_up: bool = False) -> None:
         self.fake = FakeGuest(directory)
         self.mounts = MountCalls()
-        self.handler = AgentHandler(self.fake.root, mount=self.mounts)
+        self.handler = AgentHandler(self.fake.root, mount=self.mounts, warm_up=warm_up)
         self.messages = []
         self.next_id = 100
 
@@ -513,6 +513,27 @@ def test_mount_shared_mounts_once(guest, tmp_path):
     _mountinfo(guest, f"40 22 0:40 / {point} rw,relatime - 9p kataShared rw,trans=virtio")
     again = guest.response(guest.send(mount_shared=agent_pb2.MountSharedRequest(tag="kataShared", mount_point=point)))
     assert again.error == "" and len(guest.mounts) == 1
+
+
+def test_the_first_mount_of_the_share_answers_once_the_warm_up_container_is_done(tmp_path):
+    """Whether the helper may make namespaces here or not, the warm-up container ends, is
+    reaped without an event, and only then is MountShared answered; a second mount runs none."""
+    guest = Guest(str(tmp_path / "guest"), warm_up=True)
+    try:
+        point = str(tmp_path / "run" / "shared")
+        _mountinfo(guest)
+        request_id = guest.send(mount_shared=agent_pb2.MountSharedRequest(tag="kataShared", mount_point=point))
+        assert guest.messages == [] and len(guest.handler.processes._warm_ups) == 1
+        reply = guest.response(request_id)
+        assert reply.error == "" and reply.WhichOneof("kind") == "mount_shared"
+        assert guest.handler.processes._warm_ups == [] and guest.handler.processes._procs == {}
+        assert [m for m in guest.messages if m.WhichOneof("kind") == "event"] == []
+        assert os.path.isdir(guest.fake.root.path(WARM_UP_ROOTFS.lstrip("/")))  # in the guest's root, not the host's
+        _mountinfo(guest, f"40 22 0:40 / {point} rw,relatime - 9p kataShared rw,trans=virtio")
+        again = guest.send(mount_shared=agent_pb2.MountSharedRequest(tag="kataShared", mount_point=point))
+        assert guest.response(again).error == "" and guest.handler.processes._warm_ups == []
+    finally:
+        guest.close()
 
 
 def test_mount_shared_refuses_a_point_taken_by_something_else(guest):
