@@ -308,13 +308,17 @@ class AgentHandler:
                 return None  # answered once the warm-up container is done
         return self._reply(request_id, "mount_shared")
 
-    # Process requests: answered later (None) when the answer depends on the child.
+    # Process requests: answered at once, or later (an empty list) when the child has not said yet.
 
-    def _handle_create_process(self, request_id: int, request: agent_pb2.CreateProcessRequest) -> None:
-        self.processes.create(request_id, request)
+    def _handle_create_process(
+        self, request_id: int, request: agent_pb2.CreateProcessRequest
+    ) -> List[agent_pb2.GuestMessage]:
+        return self.processes.create(request_id, request)
 
-    def _handle_start_process(self, request_id: int, request: agent_pb2.StartProcessRequest) -> None:
-        self.processes.start(request_id, request.exec_id)
+    def _handle_start_process(
+        self, request_id: int, request: agent_pb2.StartProcessRequest
+    ) -> List[agent_pb2.GuestMessage]:
+        return self.processes.start(request_id, request.exec_id)
 
     def _handle_wait_process(
         self, request_id: int, request: agent_pb2.WaitProcessRequest

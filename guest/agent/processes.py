@@ -1,10 +1,11 @@
 """Container processes: fork, set up, wait for StartProcess, exec; stdio pipes; exit statuses.
 
 ProcessTable is driven by AgentHandler: requests arrive as method calls, and the service loop
-hands it the readiness of the fds it asked to watch (poll_fds). Nothing here blocks: every fd the
-agent keeps is non-blocking, and answers that must wait (CreateProcess until the child is set up,
-StartProcess until the exec, WaitProcess until the exit, WriteStdin until the pipe took the data)
-come out later as messages from handle_ready() or reap().
+hands it the readiness of the fds it asked to watch (poll_fds). Nothing here blocks for long:
+every fd the agent keeps is non-blocking, CreateProcess and StartProcess wait at most
+STATUS_WAIT_S for the helper, and answers that must wait longer (CreateProcess until the child is
+set up, StartProcess until the exec, WaitProcess until the exit, WriteStdin until the pipe took
+the data) come out later as messages from handle_ready() or reap().
 
 Life of a process, as the agent sees it:
   CREATING  spawned: the helper vmf-contain (guest/contain/contain.c) puts it in its container
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import select
 import signal
@@ -64,6 +66,10 @@ CONSOLE_MESSAGE_BYTES = 64
 MAX_WINSIZE = 0xFFFF
 # Linux signal numbers (SIGRTMAX is 64 on every architecture we run on).
 MAX_SIGNAL = 64
+# How long CreateProcess and StartProcess wait for the helper's verdict before leaving it to the
+# service loop (see ProcessTable._await_status): a warm set-up takes 15-40 ms under TCG, and the
+# loop (other processes' output) stalls for at most this.
+STATUS_WAIT_S = 0.05
 # The warm-up container (ProcessTable.warm_up): an empty rootfs on the guest's /run tmpfs (the
 # helper makes its mount points), and as its program the helper itself (/proc/self/exe inside
 # the container), which exits at once when told --warm-up.
@@ -200,8 +206,8 @@ class ProcessTable:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def create(self, request_id: int, request: agent_pb2.CreateProcessRequest) -> None:
-        """Fork the process; the answer comes from handle_ready() once the child is set up."""
+    def create(self, request_id: int, request: agent_pb2.CreateProcessRequest) -> List[agent_pb2.GuestMessage]:
+        """Spawn the process; the answer once the child is set up (here, or from handle_ready())."""
         received = time.monotonic()
         existing = self._procs.get(request.exec_id)
         if existing is not None and existing.state != EXITED:
@@ -222,6 +228,7 @@ class ProcessTable:
         if existing is not None:
             self._forget(existing.exec_id)
         self._procs[plan.exec_id] = proc
+        return self._await_status(proc, CREATING)
 
     def _container_init(self, request: agent_pb2.CreateProcessRequest) -> Tuple[int, int]:
         """(init pid, its parent) of the container an exec joins; (0, 0) for a new container."""
@@ -233,16 +240,35 @@ class ProcessTable:
             raise RequestError(f"container {request.container_exec_id!r} to exec in is not running ({state})")
         return container.init_pid, container.pid
 
-    def start(self, request_id: int, exec_id: str) -> None:
+    def start(self, request_id: int, exec_id: str) -> List[agent_pb2.GuestMessage]:
         proc = self._get(exec_id)
         if proc.state == CREATING and proc.start_request is None:
             # A host may pipeline StartProcess behind CreateProcess: start once it is set up.
             proc.start_request = request_id
             proc.start_early = True
-            return
+            return []
         if proc.state != CREATED:
             raise RequestError(f"process {exec_id!r} is {self._describe(proc)}, not created")
         self._release(proc, request_id)
+        return self._await_status(proc, STARTING)
+
+    def _await_status(self, proc: _Process, state: str) -> List[agent_pb2.GuestMessage]:
+        """What the helper says while `proc` is in `state` (set up, or exec'd), waited for here
+        for up to STATUS_WAIT_S. On one vCPU the helper runs only while the agent waits: going
+        back to the service loop first put the loop's Python work ahead of the set-up (~5 ms
+        under TCG) and a loop turn after it. Past the bound the loop reads it as for any fd."""
+        deadline = time.monotonic() + STATUS_WAIT_S
+        messages: List[agent_pb2.GuestMessage] = []
+        while proc.state == state and proc.status_fd is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            poller = select.poll()
+            poller.register(proc.status_fd, _READ)
+            if not poller.poll(math.ceil(remaining * 1000)):
+                break
+            messages.extend(self._read_status(proc))
+        return messages
 
     def _release(self, proc: _Process, request_id: Optional[int]) -> None:
         """Let the created child exec."""

@@ -238,14 +238,11 @@ TIMING_LINE = re.compile(r"vmf-contain timing: (.*)")
 AGENT_TIMING_LINE = re.compile(r"create_process '(\w+)' timing: (.*)")
 
 
-def _steps(line: str) -> dict[str, float]:
-    """`name=+123us ...` -> {name: ms}; absolute marks (`name=12.345678`) are left out."""
-    steps = {}
-    for field in line.split():
-        name, _, value = field.partition("=")
-        if value.startswith("+") or name == "total":
-            steps[name] = float(value.lstrip("+").removesuffix("us")) / 1000
-    return steps
+def _steps(line: str) -> tuple[float, dict[str, float]]:
+    """`first=12.345678 name=+123us ... total=456us` -> (first mark in guest seconds, {name: ms})."""
+    fields = [field.partition("=") for field in line.split()]
+    steps = {name: float(value.lstrip("+").removesuffix("us")) / 1000 for name, _, value in fields[1:]}
+    return float(fields[0][2]), steps
 
 
 def _median_steps(samples: list[dict[str, float]]) -> str:
@@ -253,13 +250,27 @@ def _median_steps(samples: list[dict[str, float]]) -> str:
     return " ".join(f"{name} {statistics.median(s.get(name, 0.0) for s in samples):.1f}" for name in names)
 
 
+def _gaps(agent: dict[str, tuple[float, dict[str, float]]], helper: dict[str, tuple[float, dict[str, float]]]) -> str:
+    """What neither side's marks cover: request to the helper's main, its "R" to the agent's read."""
+    before, after = [], []
+    for exec_id, (received, agent_steps) in agent.items():
+        if exec_id in helper:
+            started, helper_steps = helper[exec_id]
+            before.append((started - received) * 1000)
+            after.append((received + agent_steps["total"] / 1000 - started - helper_steps["total"] / 1000) * 1000)
+    if not before:
+        return "n/a"
+    return (f"request to helper main {statistics.median(before):.1f}, helper's R to the agent reading it "
+            f"{statistics.median(after):.1f}")
+
+
 class _Latency:
     """Host-side phases of traced `echo hello` runs, and the guest's breakdown of each CreateProcess."""
 
     def __init__(self) -> None:
         self.phases: dict[str, list[float]] = {"create": [], "start": [], "first output": [], "exit": []}
-        self.helper: list[dict[str, float]] = []
-        self.agent: list[dict[str, float]] = []
+        self.helper: dict[str, tuple[float, dict[str, float]]] = {}
+        self.agent: dict[str, tuple[float, dict[str, float]]] = {}
 
     async def run(self, vm: VM, exec_id: str, fields: dict) -> None:
         t0 = time.monotonic()
@@ -277,7 +288,7 @@ class _Latency:
             if kind == "process_output" and event.process_output.stream == 2:
                 found = TIMING_LINE.search(event.process_output.data.decode())
                 if found:
-                    self.helper.append(_steps(found.group(1)))
+                    self.helper[exec_id] = _steps(found.group(1))
             if kind == "process_exited" and event.process_exited.exec_id == exec_id:
                 break
         t3 = time.monotonic()
@@ -287,15 +298,17 @@ class _Latency:
 
     def read_agent_log(self, vm: VM, exec_ids: set[str]) -> None:
         log = vm.hypervisor.run.console_log.read_text(errors="replace")
-        self.agent += [_steps(found.group(2)) for found in AGENT_TIMING_LINE.finditer(log)
-                       if found.group(1) in exec_ids]
+        self.agent.update((found.group(1), _steps(found.group(2))) for found in AGENT_TIMING_LINE.finditer(log)
+                          if found.group(1) in exec_ids)
 
     def report(self, label: str) -> str:
         runs = len(self.phases["create"])
         return (f"\necho hello, {label}, medians of {runs} from CreateProcess (ms): "
                 + ", ".join(f"{name} {statistics.median(values):.1f}" for name, values in self.phases.items())
                 + f"\n  create runs: {' '.join(f'{v:.0f}' for v in self.phases['create'])}"
-                + f"\n  agent (ms): {_median_steps(self.agent)}\n  helper (ms): {_median_steps(self.helper)}")
+                + f"\n  agent (ms): {_median_steps([s for _, s in self.agent.values()])}"
+                + f"\n  helper (ms): {_median_steps([s for _, s in self.helper.values()])}"
+                + f"\n  between (ms): {_gaps(self.agent, self.helper)}")
 
 
 def test_process_latency_in_a_clone(template, run_root, capsys):
