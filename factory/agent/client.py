@@ -228,7 +228,7 @@ class AgentClient:
                              rlimits: Sequence[tuple[str, int, int]] = (), no_new_privileges: bool = False,
                              mounts: Sequence[dict[str, Any]] = (), readonly_paths: Sequence[str] = (),
                              masked_paths: Sequence[str] = (), guest_root: bool = False, terminal: bool = False,
-                             sysctls: Mapping[str, str] | None = None,
+                             sysctls: Mapping[str, str] | None = None, trace_timing: bool = False,
                              timeout_s: float = REQUEST_TIMEOUT_S, ctx: Context | None = None) -> int:
         """Creates the process in the guest, contained and waiting for start_process; returns its guest pid.
 
@@ -238,6 +238,8 @@ class AgentClient:
         options). `guest_root`: uncontained in the guest's root (host-trusted tests only).
         `terminal`: a pty in the guest as the process's controlling terminal and stdio; its output
         is all stream 1, write_stdin types into it, resize_console sets its size.
+        `trace_timing`: the guest reports where the set-up's time went (a "vmf-contain timing:"
+        line on the process's stderr, the agent's share in the guest's console log).
         A missing executable or cwd inside `rootfs` is an AgentError here, not an exit status.
         """
         request = agent_pb2.CreateProcessRequest(
@@ -245,7 +247,7 @@ class AgentClient:
             rootfs=rootfs, rootfs_readonly=rootfs_readonly, hostname=hostname, open_stdin=open_stdin,
             container_exec_id=container_exec_id, no_new_privileges=no_new_privileges, guest_root=guest_root,
             readonly_paths=readonly_paths, masked_paths=masked_paths, sysctls=dict(sysctls or {}),
-            terminal=terminal,
+            terminal=terminal, trace_timing=trace_timing,
             rlimits=[agent_pb2.Rlimit(type=kind, soft=soft, hard=hard) for kind, soft, hard in rlimits],
             mounts=[agent_pb2.Mount(type=m["type"], source=m.get("source", ""), destination=m["destination"],
                                     options=m.get("options", []), shared=bool(m.get("shared")))

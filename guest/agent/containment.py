@@ -17,6 +17,9 @@ from protocols.agent import agent_pb2
 # Where build_initramfs puts the helper (CONTAIN_PATH there).
 DEFAULT_CONTAIN_PATH = "/sbin/vmf-contain"
 
+# execvp's fallback when the environment has no PATH (what runc and Docker give containers too).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 # HOST_NAME_MAX
 MAX_HOSTNAME_BYTES = 64
 
@@ -178,10 +181,11 @@ def _sysctl_args(sysctls: Mapping[str, str]) -> List[str]:
     return args
 
 
-def helper_args(contain_path: str, request: agent_pb2.CreateProcessRequest, executable: str,
+def helper_args(contain_path: str, request: agent_pb2.CreateProcessRequest, search_path: str,
                 join: Tuple[int, int] = (0, 0)) -> List[str]:
-    """argv for the helper. `join`: (init pid, its parent: the container's outer process) of
-    the container an exec joins, else (0, 0)."""
+    """argv for the helper. `search_path`: the PATH the helper finds args[0] in (inside the
+    container, as execvp). `join`: (init pid, its parent: the container's outer process) of the
+    container an exec joins, else (0, 0)."""
     args = [contain_path]
     if request.guest_root:
         args.append("--guest-root")
@@ -212,5 +216,8 @@ def helper_args(contain_path: str, request: agent_pb2.CreateProcessRequest, exec
         args.append("--no-new-privs")
     if request.terminal:
         args.append("--terminal")
-    args += ["--cwd", request.cwd or "/", "--exec", executable, "--", *request.args]
+    if request.trace_timing:
+        args.append("--timing")
+    args += ["--cwd", request.cwd or "/", "--exec", request.args[0], "--search", search_path, request.rootfs or "/",
+             "--", *request.args]
     return args

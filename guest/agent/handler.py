@@ -19,7 +19,7 @@ from guest.agent import AGENT_VERSION, hotplug, mounts
 from guest.agent.guestfs import GuestRoot
 from guest.agent.log import describe_exception, log
 from guest.agent.messages import RequestError, reply_message, response_message
-from guest.agent.processes import ProcessTable
+from guest.agent.processes import WARM_UP_ROOTFS, ProcessTable
 from guest.agent.uevent import Uevent
 from protocols.agent import agent_pb2
 from protocols.agent.framing import PROTOCOL_VERSION, UNSUPPORTED_REQUEST, OversizedFrame
@@ -61,6 +61,7 @@ class AgentHandler:
         monotonic: Callable[[], float] = time.monotonic,
         online_wait_timeout_s: float = ONLINE_WAIT_TIMEOUT_S,
         mount: mounts.MountFunction = mounts.mount_syscall,
+        warm_up: bool = False,
     ) -> None:
         self.root = root if root is not None else GuestRoot()
         self._set_realtime_ns = set_realtime_ns
@@ -68,7 +69,9 @@ class AgentHandler:
         self._online_wait_timeout_s = online_wait_timeout_s
         self._pending: List[_PendingOnline] = []
         self._mount = mount
-        self.processes = ProcessTable(mountinfo_path=self._mountinfo_path, mount=mount, contain_path=root.contain)
+        self.processes = ProcessTable(mountinfo_path=self._mountinfo_path, mount=mount, contain_path=root.contain,
+                                      warm_up_rootfs=self.root.path(WARM_UP_ROOTFS.lstrip("/")))
+        self._warm_up = warm_up
 
     @property
     def _mountinfo_path(self) -> str:
@@ -294,18 +297,28 @@ class AgentHandler:
             self._pending.append(pending)
         return answer
 
-    def _handle_mount_shared(self, request_id: int, request: agent_pb2.MountSharedRequest) -> agent_pb2.GuestMessage:
+    def _handle_mount_shared(
+        self, request_id: int, request: agent_pb2.MountSharedRequest
+    ) -> Optional[agent_pb2.GuestMessage]:
         if mounts.mount_9p_share(request.tag, request.mount_point, self._mountinfo_path, self._mount):
             log(f"mounted 9p share {request.tag!r} at {request.mount_point}")
+            # The first mount in this VM (a template never mounts the share: it could not be
+            # migrated): its containers are coming, and a cache mounts it before parking the VM.
+            if self._warm_up and self.processes.warm_up(request_id, "mount_shared"):
+                return None  # answered once the warm-up container is done
         return self._reply(request_id, "mount_shared")
 
-    # Process requests: answered later (None) when the answer depends on the child.
+    # Process requests: answered at once, or later (an empty list) when the child has not said yet.
 
-    def _handle_create_process(self, request_id: int, request: agent_pb2.CreateProcessRequest) -> None:
-        self.processes.create(request_id, request)
+    def _handle_create_process(
+        self, request_id: int, request: agent_pb2.CreateProcessRequest
+    ) -> List[agent_pb2.GuestMessage]:
+        return self.processes.create(request_id, request)
 
-    def _handle_start_process(self, request_id: int, request: agent_pb2.StartProcessRequest) -> None:
-        self.processes.start(request_id, request.exec_id)
+    def _handle_start_process(
+        self, request_id: int, request: agent_pb2.StartProcessRequest
+    ) -> List[agent_pb2.GuestMessage]:
+        return self.processes.start(request_id, request.exec_id)
 
     def _handle_wait_process(
         self, request_id: int, request: agent_pb2.WaitProcessRequest

@@ -59,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     path = wait_for_port(root, str(options["port_name"]))
     port = open_port(path)
     uevents = UeventSocket() if options["uevents"] else None
-    handler = AgentHandler(root)
+    handler = AgentHandler(root, warm_up=True)
     service = AgentService(port, handler, uevents=uevents)
     signal.set_wakeup_fd(service.wakeup_fd, warn_on_full_buffer=False)
     service.enqueue(handler.startup_messages())

@@ -1,10 +1,11 @@
 """Container processes: fork, set up, wait for StartProcess, exec; stdio pipes; exit statuses.
 
 ProcessTable is driven by AgentHandler: requests arrive as method calls, and the service loop
-hands it the readiness of the fds it asked to watch (poll_fds). Nothing here blocks: every fd the
-agent keeps is non-blocking, and answers that must wait (CreateProcess until the child is set up,
-StartProcess until the exec, WaitProcess until the exit, WriteStdin until the pipe took the data)
-come out later as messages from handle_ready() or reap().
+hands it the readiness of the fds it asked to watch (poll_fds). Nothing here blocks for long:
+every fd the agent keeps is non-blocking, CreateProcess and StartProcess wait at most
+STATUS_WAIT_S for the helper, and answers that must wait longer (CreateProcess until the child is
+set up, StartProcess until the exec, WaitProcess until the exit, WriteStdin until the pipe took
+the data) come out later as messages from handle_ready() or reap().
 
 Life of a process, as the agent sees it:
   CREATING  spawned: the helper vmf-contain (guest/contain/contain.c) puts it in its container
@@ -34,16 +35,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import select
 import signal
 import socket
 import struct
 import termios
+import time
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
-from guest.agent import containment, mounts, rootfs
+from guest.agent import containment, mounts
 from guest.agent.log import log
 from guest.agent.messages import RequestError, reply_message, response_message
 from protocols.agent import agent_pb2
@@ -63,6 +66,16 @@ CONSOLE_MESSAGE_BYTES = 64
 MAX_WINSIZE = 0xFFFF
 # Linux signal numbers (SIGRTMAX is 64 on every architecture we run on).
 MAX_SIGNAL = 64
+# How long CreateProcess and StartProcess wait for the helper's verdict before leaving it to the
+# service loop (see ProcessTable._await_status): a warm set-up takes 15-40 ms under TCG, and the
+# loop (other processes' output) stalls for at most this.
+STATUS_WAIT_S = 0.05
+# The warm-up container (ProcessTable.warm_up): an empty rootfs on the guest's /run tmpfs (the
+# helper makes its mount points), and as its program the helper itself (/proc/self/exe inside
+# the container), which exits at once when told --warm-up.
+WARM_UP_ID = "vmf-warm-up"
+WARM_UP_ROOTFS = "/run/vmf-warm-up/rootfs"
+WARM_UP_ARGS = ("/proc/self/exe", "--warm-up")
 
 _READ = select.POLLIN
 _WRITE = select.POLLOUT
@@ -102,6 +115,9 @@ class _Process:
         self.start_request: Optional[int] = None
         self.start_early = False  # StartProcess came while CREATING
         self.waits: List[int] = []
+        # trace_timing: (what, time.monotonic()) marks of CreateProcess, logged at "R".
+        self.marks: List[Tuple[str, float]] = []
+        self.warm_up_reply = ""  # a warm-up container's: the kind of reply owed at its end
 
     def fds(self) -> List[int]:
         fds = [self.pidfd, self.status_fd, self.start_fd, self.stdin_fd, *self.outputs, self.console_fd,
@@ -139,12 +155,12 @@ class CreatePlan:
             raise RequestError(f"rootfs {self.rootfs!r} is the guest's root: a container needs its own rootfs")
         if not self.rootfs.startswith("/"):
             raise RequestError(f"rootfs {self.rootfs!r} is not an absolute guest path")
-        if not os.path.isdir(self.rootfs):
-            raise RequestError(f"rootfs {self.rootfs} is not a directory in the guest (was the share mounted?)")
         if not self.cwd.startswith("/"):
             raise RequestError(f"cwd {self.cwd!r} is not an absolute path")
-        self.executable = rootfs.find_executable(self.rootfs, self.args[0], self.env, self.cwd)
-        self.argv = containment.helper_args(contain_path, request, self.executable, join)
+        # The rootfs and the program are looked up by the helper, inside the container: from
+        # here each lookup would walk the 9p share from its root (~4 ms a step under TCG).
+        self.argv = containment.helper_args(contain_path, request, self.env.get("PATH", containment.DEFAULT_PATH),
+                                            join)
 
 
 def exit_status_of(wait_status: int) -> int:
@@ -176,24 +192,29 @@ def _event(kind: str) -> agent_pb2.GuestMessage:
 
 class ProcessTable:
     def __init__(self, mountinfo_path: str = "/proc/self/mountinfo", mount: mounts.MountFunction = mounts.mount_syscall,
-                 contain_path: str = containment.DEFAULT_CONTAIN_PATH) -> None:
+                 contain_path: str = containment.DEFAULT_CONTAIN_PATH, warm_up_rootfs: str = WARM_UP_ROOTFS) -> None:
         self._procs: Dict[str, _Process] = {}
         # Children still to reap that no exec_id names any more (failed during CREATING).
         self._orphans: List[_Process] = []
         self._exited_order: Deque[str] = deque()
+        # Warm-up containers still running: no exec_id, no events, reaped through their pidfds.
+        self._warm_ups: List[_Process] = []
         self._mountinfo_path = mountinfo_path
         self._mount = mount
         self._contain_path = contain_path
+        self._warm_up_rootfs = warm_up_rootfs
 
     # --- requests --------------------------------------------------------------------------------
 
-    def create(self, request_id: int, request: agent_pb2.CreateProcessRequest) -> None:
-        """Fork the process; the answer comes from handle_ready() once the child is set up."""
+    def create(self, request_id: int, request: agent_pb2.CreateProcessRequest) -> List[agent_pb2.GuestMessage]:
+        """Spawn the process; the answer once the child is set up (here, or from handle_ready())."""
+        received = time.monotonic()
         existing = self._procs.get(request.exec_id)
         if existing is not None and existing.state != EXITED:
             raise RequestError(f"exec_id {request.exec_id!r} is already in use by process "
                                f"{existing.pid} ({existing.state})")
         plan = CreatePlan(request, self._contain_path, self._container_init(request))
+        planned = time.monotonic()
         if request.guest_root:
             # Uncontained (host-trusted tests): the guest's own mounts and hostname.
             if request.rootfs_readonly:
@@ -202,9 +223,12 @@ class ProcessTable:
                 _set_hostname(request.hostname)
         proc = self._spawn(plan)
         proc.create_request = request_id
+        if request.trace_timing:
+            proc.marks = [("received", received), ("planned", planned), ("spawned", time.monotonic())]
         if existing is not None:
             self._forget(existing.exec_id)
         self._procs[plan.exec_id] = proc
+        return self._await_status(proc, CREATING)
 
     def _container_init(self, request: agent_pb2.CreateProcessRequest) -> Tuple[int, int]:
         """(init pid, its parent) of the container an exec joins; (0, 0) for a new container."""
@@ -216,16 +240,35 @@ class ProcessTable:
             raise RequestError(f"container {request.container_exec_id!r} to exec in is not running ({state})")
         return container.init_pid, container.pid
 
-    def start(self, request_id: int, exec_id: str) -> None:
+    def start(self, request_id: int, exec_id: str) -> List[agent_pb2.GuestMessage]:
         proc = self._get(exec_id)
         if proc.state == CREATING and proc.start_request is None:
             # A host may pipeline StartProcess behind CreateProcess: start once it is set up.
             proc.start_request = request_id
             proc.start_early = True
-            return
+            return []
         if proc.state != CREATED:
             raise RequestError(f"process {exec_id!r} is {self._describe(proc)}, not created")
         self._release(proc, request_id)
+        return self._await_status(proc, STARTING)
+
+    def _await_status(self, proc: _Process, state: str) -> List[agent_pb2.GuestMessage]:
+        """What the helper says while `proc` is in `state` (set up, or exec'd), waited for here
+        for up to STATUS_WAIT_S. On one vCPU the helper runs only while the agent waits: going
+        back to the service loop first put the loop's Python work ahead of the set-up (~5 ms
+        under TCG) and a loop turn after it. Past the bound the loop reads it as for any fd."""
+        deadline = time.monotonic() + STATUS_WAIT_S
+        messages: List[agent_pb2.GuestMessage] = []
+        while proc.state == state and proc.status_fd is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            poller = select.poll()
+            poller.register(proc.status_fd, _READ)
+            if not poller.poll(math.ceil(remaining * 1000)):
+                break
+            messages.extend(self._read_status(proc))
+        return messages
 
     def _release(self, proc: _Process, request_id: Optional[int]) -> None:
         """Let the created child exec."""
@@ -288,9 +331,43 @@ class ProcessTable:
         # On the master, TIOCSWINSZ sets the slave's size and signals its foreground group.
         fcntl.ioctl(proc.terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
+    def warm_up(self, request_id: int, reply_kind: str) -> bool:
+        """Runs one throw-away container through the steps a real one takes (spawn, namespaces,
+        mounts, pivot_root, credentials, exec) and answers request `request_id` with an empty
+        `reply_kind` reply when it is done. False (and nothing owed) if none could be started.
+
+        Under TCG, code a QEMU process runs for the first time is translated first, and a clone
+        is a new QEMU process: its first CreateProcess took ~130 ms, the next ones ~30 ms. A VM
+        cache pays this before it parks the VM; a VM made on demand pays it instead of its first
+        container."""
+        if self._warm_ups:
+            return False
+        try:
+            os.makedirs(self._warm_up_rootfs, exist_ok=True)
+            request = agent_pb2.CreateProcessRequest(exec_id=WARM_UP_ID, args=WARM_UP_ARGS,
+                                                     rootfs=self._warm_up_rootfs, hostname=WARM_UP_ID, cwd="/")
+            proc = self._spawn(CreatePlan(request, self._contain_path))
+        except (OSError, RequestError) as exc:
+            log(f"warm-up container not started: {exc}")
+            return False
+        proc.marks = [("spawned", time.monotonic())]
+        proc.create_request, proc.warm_up_reply = request_id, reply_kind
+        assert proc.start_fd is not None
+        os.write(proc.start_fd, b"S")  # read once set up: it execs at once
+        _close(proc.start_fd)
+        proc.start_fd = None
+        for fd in proc.outputs:
+            _close(fd)
+        proc.outputs = {}
+        self._warm_ups.append(proc)
+        return True
+
     def cancel_replies(self) -> int:
         """Forget the requests waiting for an answer (their host left); the processes go on."""
         count = 0
+        for proc in self._warm_ups:
+            count += proc.create_request is not None
+            proc.create_request = None
         for proc in self._procs.values():
             count += len(proc.waits) + (proc.create_request is not None) + (proc.start_request is not None)
             count += sum(1 for item in proc.stdin_queue if item.request_id is not None)
@@ -317,7 +394,7 @@ class ProcessTable:
             if read_output:
                 for fd in proc.outputs:
                     fds[fd] = _READ
-        for proc in self._orphans:
+        for proc in self._orphans + self._warm_ups:
             if proc.pidfd is not None:
                 fds[proc.pidfd] = _READ
         return fds
@@ -337,6 +414,8 @@ class ProcessTable:
         exited.extend(p for p in self._orphans if p.pidfd is not None and p.pidfd in ready and p not in exited)
         for proc in exited:
             messages.extend(self._try_reap(proc))
+        for proc in [p for p in self._warm_ups if p.pidfd is not None and p.pidfd in ready]:
+            messages.extend(self._reap_warm_up(proc))
         return messages
 
     def reap(self) -> List[agent_pb2.GuestMessage]:
@@ -344,16 +423,18 @@ class ProcessTable:
         messages: List[agent_pb2.GuestMessage] = []
         for proc in [p for p in self._procs.values() if p.state != EXITED] + list(self._orphans):
             messages.extend(self._try_reap(proc))
+        for proc in list(self._warm_ups):
+            messages.extend(self._reap_warm_up(proc))
         return messages
 
     def seconds_until_reap(self) -> Optional[float]:
         """When the loop must look for exits by itself: only for children without a pidfd."""
-        live = [p for p in self._procs.values() if p.state != EXITED] + self._orphans
+        live = [p for p in self._procs.values() if p.state != EXITED] + self._orphans + self._warm_ups
         return REAP_POLL_S if any(p.pidfd is None for p in live) else None
 
     def close(self) -> None:
         """Release the agent's fds (the processes keep running)."""
-        for proc in list(self._procs.values()) + self._orphans:
+        for proc in list(self._procs.values()) + self._orphans + self._warm_ups:
             for fd in proc.fds():
                 _close(fd)
 
@@ -380,6 +461,33 @@ class ProcessTable:
         if proc.stdin_closing or proc.stdin_fd is None:
             raise RequestError(f"stdin of process {exec_id!r} is closed")
         return proc
+
+    def _reap_warm_up(self, proc: _Process) -> List[agent_pb2.GuestMessage]:
+        try:
+            pid, wait_status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, wait_status = proc.pid, 0
+        if pid == 0:
+            return []
+        self._warm_ups.remove(proc)
+        said = b""
+        try:
+            said = os.read(proc.status_fd, 4096) if proc.status_fd is not None else b""
+        except OSError:
+            pass
+        took_ms = (time.monotonic() - proc.marks[0][1]) * 1000
+        if exit_status_of(wait_status) == 0:
+            log(f"warm-up container done in {took_ms:.0f} ms")
+        else:
+            # Not the host's business, but a broken helper shows here first.
+            why = said.partition(b"E")[2].decode("utf-8", "replace")
+            log(f"warm-up container exited with status {exit_status_of(wait_status)} after {took_ms:.0f} ms: "
+                f"{why or 'no reason given'}")
+        for fd in proc.fds():
+            _close(fd)
+        if proc.create_request is None:  # its host left
+            return []
+        return [reply_message(proc.create_request, proc.warm_up_reply)]
 
     def _spawn(self, plan: CreatePlan) -> _Process:
         parent_fds: List[int] = []
@@ -469,6 +577,8 @@ class ProcessTable:
                     os.kill(proc.pid, signal.SIGKILL)  # unreaped: the pid is still this child's
                     return messages + self._abandon(proc, str(exc))
             proc.state = CREATED
+            if proc.marks:
+                proc.marks.append(("ready", time.monotonic()))  # logged at the exit: the console is slow
             if proc.create_request is not None:
                 reply = reply_message(proc.create_request, "create_process")
                 reply.response.create_process.pid = proc.pid
@@ -660,6 +770,8 @@ class ProcessTable:
                                              f"start_process: process {proc.exec_id!r} exited with status {status}"))
             proc.start_request = None
         log(f"process {proc.exec_id!r} (pid {proc.pid}) exited with status {status}")
+        if proc.marks:
+            _log_marks(proc)
         self._exited_order.append(proc.exec_id)
         while len(self._exited_order) > MAX_EXITED_KEPT:
             old = self._exited_order.popleft()
@@ -692,6 +804,16 @@ class ProcessTable:
         message = reply_message(request_id, "wait_process")
         message.response.wait_process.exit_status = proc.exit_status
         return message
+
+
+def _log_marks(proc: _Process) -> None:
+    """The agent's share of a traced CreateProcess (the helper's is on the process's stderr)."""
+    start = proc.marks[0][1]
+    steps = " ".join(f"{what}=+{(at - before) * 1e6:.0f}us"
+                     for (_, before), (what, at) in zip(proc.marks, proc.marks[1:]))
+    log(f"create_process {proc.exec_id!r} timing: received={start:.6f} {steps} "
+        f"total={(proc.marks[-1][1] - start) * 1e6:.0f}us")
+    proc.marks = []
 
 
 def _terminal_eof(master: int, at_line_start: bool) -> bytes:

@@ -52,6 +52,7 @@
 #include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define STATUS_FD 3
@@ -121,21 +122,53 @@ static struct {
     uint64_t caps[5]; /* bounding, effective, permitted, inheritable, ambient */
     int no_new_privs;
     int terminal;
+    int timing;
     const char *cwd;
     const char *exec_path;
+    const char *search;    /* --search: PATH to find exec_path in, as execvp, inside the container */
+    const char *root_name; /* the rootfs as the host named it, for messages */
+    int exec_fd;           /* the program found by --search, open for execveat; else -1 */
     char **argv;
 } cfg;
 
 static volatile pid_t forward_to;
 
-/* Report a failure to the agent and end this process: 127 for "not found", 126 otherwise. */
-static void fail(int err, const char *fmt, ...) {
+/* --timing: where the set-up's time goes (CLOCK_MONOTONIC, the agent's time.monotonic()). The
+ * program writes the marks its parents made before forking it, and its own, to its stderr just
+ * before it says "R": a measurement aid, never used by the runtime. */
+#define MAX_MARKS 32
+static struct { const char *what; struct timespec at; } marks[MAX_MARKS];
+static int n_marks;
+
+static void mark(const char *what) {
+    if (!cfg.timing || n_marks == MAX_MARKS) return;
+    marks[n_marks].what = what;
+    clock_gettime(CLOCK_MONOTONIC, &marks[n_marks++].at);
+}
+
+static long long ns_of(const struct timespec *t) { return t->tv_sec * 1000000000LL + t->tv_nsec; }
+
+static void write_marks(void) {
+    if (!cfg.timing || !n_marks) return;
+    char line[MAX_MARKS * 40 + 64];
+    long long start = ns_of(&marks[0].at), last = start;
+    int n = snprintf(line, sizeof line, "vmf-contain timing: %s=%lld.%06lld", marks[0].what, start / 1000000000LL,
+                     start % 1000000000LL / 1000);
+    for (int i = 1; i < n_marks && n < (int)sizeof line; i++) {
+        long long at = ns_of(&marks[i].at);
+        n += snprintf(line + n, sizeof line - n, " %s=+%lldus", marks[i].what, (at - last) / 1000);
+        last = at;
+    }
+    if (n < (int)sizeof line) n += snprintf(line + n, sizeof line - n, " total=%lldus\n", (last - start) / 1000);
+    if (n > (int)sizeof line - 1) n = sizeof line - 1;
+    (void)!write(2, line, n);
+}
+
+/* Report a failure to the agent and end this process with `status`. */
+static void vfail(int status, int err, const char *fmt, va_list ap) {
     char msg[MAX_ERROR];
-    va_list ap;
     msg[0] = 'E';
-    va_start(ap, fmt);
     int n = vsnprintf(msg + 1, sizeof msg - 1, fmt, ap);
-    va_end(ap);
     if (n < 0) n = 0;
     if (n > (int)sizeof msg - 1) n = sizeof msg - 1;
     if (err) {
@@ -144,7 +177,23 @@ static void fail(int err, const char *fmt, ...) {
         if (n > (int)sizeof msg - 1) n = sizeof msg - 1;
     }
     (void)!write(STATUS_FD, msg, 1 + n);
-    _exit(err == ENOENT || err == ENOTDIR ? 127 : 126);
+    _exit(status);
+}
+
+/* ...with 127 for "not found", 126 otherwise. */
+static void fail(int err, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(err == ENOENT || err == ENOTDIR ? 127 : 126, err, fmt, ap);
+    va_end(ap);
+}
+
+/* As fail, with the exit status given and no errno. */
+static void fail_status(int status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(status, 0, fmt, ap);
+    va_end(ap);
 }
 
 static void usage(const char *what) {
@@ -163,6 +212,7 @@ static void parse(int argc, char **argv) {
     int i = 1;
 #define NEED(k) do { if (i + (k) >= argc) usage(argv[i]); } while (0)
     cfg.cwd = "/";
+    cfg.exec_fd = -1;
     for (; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--")) { i++; break; }
@@ -217,8 +267,10 @@ static void parse(int argc, char **argv) {
         }
         else if (!strcmp(a, "--no-new-privs")) cfg.no_new_privs = 1;
         else if (!strcmp(a, "--terminal")) cfg.terminal = 1;
+        else if (!strcmp(a, "--timing")) cfg.timing = 1;
         else if (!strcmp(a, "--cwd")) { NEED(1); cfg.cwd = argv[++i]; }
         else if (!strcmp(a, "--exec")) { NEED(1); cfg.exec_path = argv[++i]; }
+        else if (!strcmp(a, "--search")) { NEED(2); cfg.search = argv[++i]; cfg.root_name = argv[++i]; }
         else usage(a);
     }
     if (!cfg.exec_path || i >= argc) usage("--exec/--");
@@ -305,6 +357,20 @@ static void mkdirs(const char *path, mode_t mode) {
         *p = '/';
     }
     make_dir(buf, mode);
+}
+
+/* The directory `path` (made if missing), held open so that its dentry stays cached until the
+ * caller closes the fd: on the 9p rootfs (cache=mmap) an unused dentry is dropped at once, and
+ * each lookup of it is then a walk to the host (~1 ms under TCG); held, the mount on it that
+ * follows finds it in the cache. */
+static int mount_point(const char *path, mode_t mode) {
+    int fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        mkdirs(path, mode);
+        fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    }
+    if (fd < 0) fail(errno, "mount point %s", path);
+    return fd;
 }
 
 static void do_mount(const char *source, const char *target, const char *type, unsigned long flags, const char *data) {
@@ -395,6 +461,14 @@ static void apply_oci_mount(const struct mount_spec *m) {
 static void setup_mounts(void) {
     /* Nothing done here may reach the guest's own mounts. */
     do_mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
+    /* Held until pivot_root: the rootfs's dentry and its parents stay cached, so the bind and
+     * the chdir below find them without walking the 9p share again (see mount_point). */
+    int rootfs = open(cfg.rootfs, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfs < 0) {
+        if (errno == ENOENT || errno == ENOTDIR)
+            fail(errno, "rootfs %s is not a directory in the guest (was the share mounted?)", cfg.rootfs);
+        fail(errno, "open the rootfs %s", cfg.rootfs);
+    }
     do_mount(cfg.rootfs, cfg.rootfs, NULL, MS_BIND | MS_REC, NULL);
     take_shared_sources();
     int oldroot = open("/", O_DIRECTORY | O_RDONLY | O_CLOEXEC);
@@ -408,9 +482,12 @@ static void setup_mounts(void) {
     do_mount(NULL, ".", NULL, MS_REC | MS_SLAVE, NULL);
     if (umount2(".", MNT_DETACH)) fail(errno, "detach the guest's root");
     if (chdir("/")) fail(errno, "chdir / in the rootfs");
+    close(rootfs);
+    mark("pivot_root");
 
-    mkdirs("/proc", 0555);
+    int pin = mount_point("/proc", 0555);
     do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    close(pin);
     /* Sysctls, before /proc/sys turns read-only below: the agent let through only those in the
      * container's own IPC/UTS namespaces or its VM's network namespace. */
     for (int i = 0; i < cfg.n_sysctls; i++) {
@@ -420,11 +497,17 @@ static void setup_mounts(void) {
         if (write(fd, cfg.sysctl_values[i], len) != (ssize_t)len) fail(errno, "sysctl %s = %s", cfg.sysctl_paths[i], cfg.sysctl_values[i]);
         close(fd);
     }
-    mkdirs("/dev", 0755);
+    mark("proc");
+    pin = mount_point("/dev", 0755);
     setup_dev();
-    mkdirs("/sys", 0555);
+    close(pin);
+    mark("dev");
+    pin = mount_point("/sys", 0555);
     do_mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    close(pin);
+    mark("sys");
     for (int i = 0; i < cfg.n_mounts; i++) apply_oci_mount(&cfg.mounts[i]);
+    mark("oci_mounts");
     for (int i = 0; i < cfg.n_ro_paths; i++) {
         const char *p = cfg.ro_paths[i];
         if (mount(p, p, NULL, MS_BIND | MS_REC, NULL)) {
@@ -433,6 +516,7 @@ static void setup_mounts(void) {
         }
         remount_bind(p, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC);
     }
+    mark("ro_paths");
     for (int i = 0; i < cfg.n_masked_paths; i++) {
         const char *p = cfg.masked_paths[i];
         struct stat st;
@@ -440,8 +524,10 @@ static void setup_mounts(void) {
         if (S_ISDIR(st.st_mode)) do_mount("tmpfs", p, "tmpfs", MS_RDONLY, "size=0");
         else do_mount("/dev/null", p, NULL, MS_BIND, NULL);
     }
+    mark("masked");
     /* nodev on the rootfs: a device node planted in it (through the host's share) is inert. */
     remount_bind("/", MS_NODEV | (cfg.readonly ? MS_RDONLY : 0));
+    mark("remount_root");
 }
 
 /* --- the program ------------------------------------------------------------------------------ */
@@ -552,23 +638,90 @@ static void set_credentials(void) {
     }
 }
 
+/* An executable regular file at `path`, opened (O_PATH) for the exec; -1 if none. Sets
+ * *exists when something is there. */
+static int open_executable(const char *path, int *exists) {
+    int fd = open(path, O_PATH | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st)) {
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    *exists = 1;
+    if (S_ISREG(st.st_mode) && st.st_mode & 0111) return fd;
+    close(fd);
+    return -1;
+}
+
+/* execvp's search, done here, inside the container, as its user, with its root and cwd: the
+ * lookup sees what the exec will see (symlinks resolve inside the rootfs), and on the host's 9p
+ * share each path walk starts from the container's root instead of the share's. The file found
+ * stays open for the exec (no second walk at start, and what was checked is what runs). A
+ * program missing or not executable fails CreateProcess (exit 127 / 126), as runc's create does. */
+static void find_executable(void) {
+    static char found[PATH_MAX];
+    const char *program = cfg.exec_path;
+    int exists = 0;
+    if (!*program) fail_status(127, "args[0] is empty");
+    if (strchr(program, '/')) {
+        if ((cfg.exec_fd = open_executable(program, &exists)) >= 0) return;
+        if (exists)
+            fail_status(126, "executable '%s' in rootfs %s: %s is not an executable file", program, cfg.root_name,
+                        program);
+        fail_status(127, "executable '%s' not found in rootfs %s", program, cfg.root_name);
+    }
+    char not_executable[PATH_MAX] = "";
+    for (const char *dir = cfg.search;; dir++) {
+        const char *end = strchrnul(dir, ':');
+        int len = end - dir;
+        /* An empty entry is the cwd (POSIX). */
+        int n = len ? snprintf(found, sizeof found, "%.*s/%s", len, dir, program)
+                    : snprintf(found, sizeof found, "%s", program);
+        if (n > 0 && n < (int)sizeof found) {
+            exists = 0;
+            if ((cfg.exec_fd = open_executable(found, &exists)) >= 0) {
+                cfg.exec_path = found;
+                return;
+            }
+            if (exists && !*not_executable) snprintf(not_executable, sizeof not_executable, "%s", found);
+        }
+        if (!*end) break;
+        dir = end;
+    }
+    if (*not_executable)
+        fail_status(126, "executable '%s' in rootfs %s: %s is not an executable file (PATH=%s)", program,
+                    cfg.root_name, not_executable, cfg.search);
+    fail_status(127, "executable '%s' not found in rootfs %s (PATH=%s)", program, cfg.root_name, cfg.search);
+}
+
 static void run_program(void) {
     if (cfg.terminal) setup_terminal();
     for (int i = 0; i < cfg.n_rlimits; i++)
         if (setrlimit(cfg.rlimits[i].resource, &cfg.rlimits[i].limit))
             fail(errno, "setrlimit %d", cfg.rlimits[i].resource);
     if (chdir(cfg.cwd)) fail(errno, "chdir %s", cfg.cwd);
+    mark("rlimits_cwd");
     set_credentials();
+    mark("credentials");
+    if (cfg.search) find_executable();
+    mark("executable");
     /* A uid change cleared the parent-death signal an exec'd process needs (see main). */
     if (cfg.mode == MODE_JOIN && prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)) fail(errno, "PR_SET_PDEATHSIG");
     if (cfg.no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) fail(errno, "no_new_privs");
     default_signals(); /* a created process that is killed before its start ends as it would */
+    mark("ready");
+    write_marks();
     if (write(STATUS_FD, "R", 1) != 1) _exit(1);
     char start;
     ssize_t got;
     do got = read(START_FD, &start, 1); while (got < 0 && errno == EINTR);
     if (got != 1 || start != 'S') _exit(1); /* the agent went away without starting us */
     close(START_FD);
+    if (cfg.exec_fd >= 0) {
+        syscall(SYS_execveat, cfg.exec_fd, "", cfg.argv, environ, AT_EMPTY_PATH);
+        /* ENOENT: a "#!" script, whose interpreter cannot open a close-on-exec fd: by path. */
+        if (errno != ENOENT) fail(errno, "exec %s", cfg.exec_path);
+    }
     execve(cfg.exec_path, cfg.argv, environ);
     fail(errno, "exec %s", cfg.exec_path);
 }
@@ -607,7 +760,10 @@ static void container_init(void) {
         fail(errno, "sethostname %s", cfg.hostname);
     pid_t program = fork();
     if (program < 0) fail(errno, "fork");
-    if (program == 0) run_program();
+    if (program == 0) {
+        mark("program");
+        run_program();
+    }
     close(STATUS_FD);
     close(START_FD);
     if (cfg.terminal) close(CONSOLE_FD);
@@ -649,7 +805,17 @@ static void join_namespaces(pid_t pid) {
 }
 
 int main(int argc, char **argv) {
+    struct timespec entered;
+    clock_gettime(CLOCK_MONOTONIC, &entered);
+    /* The agent's warm-up container runs this binary as its program: an exec that does nothing. */
+    if (argc == 2 && !strcmp(argv[1], "--warm-up")) _exit(0);
     parse(argc, argv);
+    if (cfg.timing) {
+        marks[0].what = "start";
+        marks[0].at = entered;
+        n_marks = 1;
+        mark("parsed");
+    }
     /* Only stdio, the status and the start pipe (and the console socket): no descriptor of the
      * agent's may reach the container. */
     int last = cfg.terminal ? CONSOLE_FD : START_FD;
@@ -666,9 +832,11 @@ int main(int argc, char **argv) {
     if (cfg.mode == MODE_NEW && unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC))
         fail(errno, "unshare the container's namespaces");
     if (cfg.mode == MODE_JOIN) join_namespaces(cfg.join_pid);
+    mark("namespaces");
     pid_t child = fork();
     if (child < 0) fail(errno, "fork");
     if (child == 0) {
+        mark("forked");
         if (cfg.mode == MODE_NEW) container_init();
         /* Joining: ends with us, whatever signal ends us (SIGKILL included). */
         if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)) fail(errno, "PR_SET_PDEATHSIG");

@@ -15,7 +15,7 @@ def _args(**fields) -> list[str]:
     fields.setdefault("args", ["sh", "-c", "true"])
     fields.setdefault("rootfs", "/run/kata-containers/shared/c1/rootfs")
     join = fields.pop("join", (0, 0))
-    return containment.helper_args(HELPER, agent_pb2.CreateProcessRequest(**fields), "/bin/sh", join)
+    return containment.helper_args(HELPER, agent_pb2.CreateProcessRequest(**fields), "/usr/bin:/bin", join)
 
 
 def _option(args: list[str], name: str, width: int = 1) -> list[list[str]]:
@@ -30,7 +30,9 @@ def test_a_new_container_gets_its_rootfs_hostname_and_the_default_paths():
     more = _args(readonly_paths=["/proc/bus"], masked_paths=["/proc/kcore"])
     assert ["/proc/bus"] in _option(more, "--ro-path") and _option(more, "--mask-path") == [["/proc/kcore"]]
     assert args[args.index("--") + 1:] == ["sh", "-c", "true"]
-    assert _option(args, "--exec") == [["/bin/sh"]] and _option(args, "--cwd") == [["/tmp"]]
+    assert _option(args, "--exec") == [["sh"]] and _option(args, "--cwd") == [["/tmp"]]
+    # The helper finds the program inside the container, in this PATH; the rootfs names it in errors.
+    assert _option(args, "--search", 2) == [["/usr/bin:/bin", "/run/kata-containers/shared/c1/rootfs"]]
 
 
 def test_without_capabilities_a_container_gets_the_default_set_and_never_sys_admin():

@@ -1,4 +1,4 @@
-"""Process execution in the guest agent (processes.py, rootfs.py, mounts.py), run on the host.
+"""Process execution in the guest agent (processes.py, mounts.py) and its helper, run on the host.
 
 Real fork and exec with rootfs "/" (the host's own /bin/sh): pipes, exit statuses, signals and
 stdin are the real thing. chroot, other uids and real mounts need privileges Bazel's sandbox may
@@ -13,11 +13,10 @@ import time
 
 import pytest
 
-from guest.agent import mounts, rootfs
+from guest.agent import mounts
 from guest.agent.fakeroot import FakeGuest
 from guest.agent.handler import AgentHandler
-from guest.agent.messages import RequestError
-from guest.agent.processes import OUTPUT_CHUNK_BYTES, exit_status_of
+from guest.agent.processes import OUTPUT_CHUNK_BYTES, WARM_UP_ROOTFS, exit_status_of
 from guest.agent.service import MAX_QUEUED_EVENTS, AgentService
 from protocols.agent import agent_pb2
 from protocols.agent.framing import FrameDecoder, encode_frame
@@ -33,10 +32,10 @@ class MountCalls(list):
 class Guest:
     """The handler plus a minimal loop (what service.py does with its fds) and what it said."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, warm_up: bool = False) -> None:
         self.fake = FakeGuest(directory)
         self.mounts = MountCalls()
-        self.handler = AgentHandler(self.fake.root, mount=self.mounts)
+        self.handler = AgentHandler(self.fake.root, mount=self.mounts, warm_up=warm_up)
         self.messages = []
         self.next_id = 100
 
@@ -215,10 +214,10 @@ def test_wait_is_answered_at_exit_and_again_later(guest):
 def test_a_host_leaving_drops_answers_but_not_the_exit_event(guest):
     guest.create("p1", ["sh", "-c", "sleep 0.2; echo bye"])
     waiting = guest.send(wait_process=agent_pb2.WaitProcessRequest(exec_id="p1"))
-    start = guest.send(start_process=agent_pb2.StartProcessRequest(exec_id="p1"))
-    assert guest.handler.cancel_pending() == 2
+    assert guest.response(guest.send(start_process=agent_pb2.StartProcessRequest(exec_id="p1"))).error == ""
+    assert guest.handler.cancel_pending() == 1
     assert guest.exited("p1") == 0 and guest.output("p1") == b"bye\n"
-    assert not [m for m in guest.messages if m.response.id in (waiting, start)]
+    assert not [m for m in guest.messages if m.response.id == waiting]
 
 
 def test_exec_id_in_use_is_refused_until_the_process_exits(guest):
@@ -252,6 +251,21 @@ def test_relative_and_absolute_program_paths(guest, tmp_path):
     not_exec.write_text("x")
     created = guest.create("p3", [str(not_exec)])
     assert "is not an executable file" in created.error
+
+
+def test_the_program_is_searched_in_path_as_execvp_does(guest, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "a" / "prog").write_text("#!/bin/sh\necho a\n")  # not executable: skipped
+    (tmp_path / "b" / "prog").write_text("#!/bin/sh\necho b\n")
+    (tmp_path / "b" / "prog").chmod(0o755)
+    path = f"PATH={tmp_path}/a:{tmp_path}/b"
+    assert guest.run("p1", ["prog"], env=[path]) == 0
+    assert guest.output("p1") == b"b\n"
+    assert guest.run("p2", ["prog"], env=["PATH=/nonexistent:"], cwd=str(tmp_path / "b")) == 0  # "": the cwd
+    assert guest.output("p2") == b"b\n"
+    created = guest.create("p3", ["prog"], env=[f"PATH={tmp_path}/a"])
+    assert f"{tmp_path}/a/prog is not an executable file (PATH={tmp_path}/a)" in created.error
 
 
 def test_missing_cwd_is_an_error_at_create(guest):
@@ -411,44 +425,6 @@ def test_output_waits_in_the_pipe_while_the_host_is_behind(tmp_path):
         guest_sock.close()
 
 
-# --- rootfs lookups ------------------------------------------------------------------------------------
-
-
-def _busybox_tree(root):
-    (root / "bin").mkdir(parents=True)
-    (root / "bin" / "busybox").write_bytes(b"\x7fELF")
-    (root / "bin" / "busybox").chmod(0o755)
-    for applet in ("sh", "echo"):
-        os.symlink("/bin/busybox", root / "bin" / applet)
-    (root / "usr").mkdir()
-    os.symlink("../bin", root / "usr" / "bin")
-    os.symlink("../../../../etc/passwd", root / "escape")
-    os.symlink("loop", root / "loop")
-    return root
-
-
-def test_absolute_symlinks_resolve_inside_the_root(tmp_path):
-    root = _busybox_tree(tmp_path / "rootfs")
-    assert rootfs.resolve_in_root(str(root), "/bin/sh") == str(root / "bin" / "busybox")
-    assert rootfs.resolve_in_root(str(root), "/usr/bin/echo") == str(root / "bin" / "busybox")
-    # ".." stops at the root, as in a chroot.
-    with pytest.raises(FileNotFoundError):
-        rootfs.resolve_in_root(str(root), "/escape")
-    with pytest.raises(OSError, match="Too many levels"):
-        rootfs.resolve_in_root(str(root), "/loop")
-
-
-def test_find_executable_searches_path_inside_the_root(tmp_path):
-    root = str(_busybox_tree(tmp_path / "rootfs"))
-    assert rootfs.find_executable(root, "sh", {"PATH": "/sbin:/usr/bin:/bin"}, "/") == "/usr/bin/sh"
-    assert rootfs.find_executable(root, "echo", {}, "/") == "/usr/bin/echo"  # the default PATH: /usr/bin first
-    assert rootfs.find_executable(root, "busybox", {"PATH": ""}, "/bin") == "/bin/busybox"
-    with pytest.raises(RequestError, match=r"'ls' not found in rootfs .*\(PATH=/bin\)"):
-        rootfs.find_executable(root, "ls", {"PATH": "/bin"}, "/")
-    with pytest.raises(RequestError, match="is not an executable file"):
-        rootfs.find_executable(root, "bin", {"PATH": "/"}, "/")
-
-
 def _can(operation) -> bool:
     """Whether a privileged operation works here (Bazel's sandbox may drop capabilities)."""
     pid = os.fork()
@@ -537,6 +513,27 @@ def test_mount_shared_mounts_once(guest, tmp_path):
     _mountinfo(guest, f"40 22 0:40 / {point} rw,relatime - 9p kataShared rw,trans=virtio")
     again = guest.response(guest.send(mount_shared=agent_pb2.MountSharedRequest(tag="kataShared", mount_point=point)))
     assert again.error == "" and len(guest.mounts) == 1
+
+
+def test_the_first_mount_of_the_share_answers_once_the_warm_up_container_is_done(tmp_path):
+    """Whether the helper may make namespaces here or not, the warm-up container ends, is
+    reaped without an event, and only then is MountShared answered; a second mount runs none."""
+    guest = Guest(str(tmp_path / "guest"), warm_up=True)
+    try:
+        point = str(tmp_path / "run" / "shared")
+        _mountinfo(guest)
+        request_id = guest.send(mount_shared=agent_pb2.MountSharedRequest(tag="kataShared", mount_point=point))
+        assert guest.messages == [] and len(guest.handler.processes._warm_ups) == 1
+        reply = guest.response(request_id)
+        assert reply.error == "" and reply.WhichOneof("kind") == "mount_shared"
+        assert guest.handler.processes._warm_ups == [] and guest.handler.processes._procs == {}
+        assert [m for m in guest.messages if m.WhichOneof("kind") == "event"] == []
+        assert os.path.isdir(guest.fake.root.path(WARM_UP_ROOTFS.lstrip("/")))  # in the guest's root, not the host's
+        _mountinfo(guest, f"40 22 0:40 / {point} rw,relatime - 9p kataShared rw,trans=virtio")
+        again = guest.send(mount_shared=agent_pb2.MountSharedRequest(tag="kataShared", mount_point=point))
+        assert guest.response(again).error == "" and guest.handler.processes._warm_ups == []
+    finally:
+        guest.close()
 
 
 def test_mount_shared_refuses_a_point_taken_by_something_else(guest):
