@@ -38,6 +38,10 @@ Other commands:
             kernel, initramfs, accelerator, tmpfs, run root)
   env       show the guest kernel, initramfs, QEMU and the accelerator chosen (and why)
   version   print the runtime's version
+
+Commands but exec and factory run in a fork of the state root's warm server (started by the
+first command on the root; it has the runtime imported), with the same output and exit status;
+KATA_RUNTIME_WARM=0 runs every command in its own process (README: "Warm commands").
 """
 import faulthandler
 import json
