@@ -36,6 +36,7 @@ WARM_MODULES = (
 
 
 def main(root: str) -> None:
+    os.chdir("/")  # the first command's directory may be a mount point someone will unmount
     program = address.program_dir()
     path = address.socket_path(root, program)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
