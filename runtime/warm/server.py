@@ -54,6 +54,7 @@ def main(root: str) -> None:
     if lock_fd is None:
         return  # another server of this root and program is starting or running
     try:
+        _sweep(os.path.dirname(path), lock_path)
         for name in WARM_MODULES:
             importlib.import_module(name)
         _become_subreaper()
@@ -61,6 +62,28 @@ def main(root: str) -> None:
     finally:
         locks.remove(lock_path)  # holding it: a server starting now takes a new file
         os.close(lock_fd)
+
+
+def _sweep(directory: str, own_lock: str) -> None:
+    """Removes the socket and lock of servers that died without doing it (SIGKILL): a lock
+    nobody holds has no server behind it (a server takes its lock before anything else)."""
+    from hostos import locks
+
+    for name in os.listdir(directory):
+        lock_path = os.path.join(directory, name)
+        if not name.endswith(".sock.lock") or lock_path == own_lock:
+            continue
+        fd = locks.try_acquire(lock_path)
+        if fd is None:
+            continue  # a live server's
+        try:
+            try:
+                os.unlink(lock_path[:-len(".lock")])
+            except FileNotFoundError:
+                pass
+            locks.remove(lock_path)
+        finally:
+            os.close(fd)
 
 
 def _become_subreaper() -> None:

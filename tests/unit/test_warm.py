@@ -184,3 +184,15 @@ def test_a_request_for_another_root_is_refused(root):
     finally:
         os.close(cwd)
         sock.close()
+
+
+def test_a_new_server_sweeps_what_killed_ones_left(root):
+    stale = os.path.join(address.WARM_DIR, "00000000-00000000.sock")
+    os.makedirs(address.WARM_DIR, mode=0o700, exist_ok=True)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(stale)  # a server's socket, its server SIGKILLed
+    dead.close()
+    open(stale + ".lock", "w").close()
+    _runtime(root, "list")
+    _wait_for(lambda: _server_pid(root))
+    _wait_for(lambda: not os.path.exists(stale) and not os.path.exists(stale + ".lock"))
