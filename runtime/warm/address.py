@@ -38,8 +38,8 @@ def socket_path(root: str, program: str) -> str:
 
 
 def parse(argv: list[str]) -> tuple[str, str] | None:
-    """(command, absolute --root) of a command line, or None when it is not one to run warm (or
-    this cannot tell)."""
+    """(command, absolute --root) of a command line, or None when this cannot tell (or it asks
+    for help or the version). Whether the command runs warm: `command in WARM_COMMANDS`."""
     command = ""
     root = DEFAULT_ROOT
     index = 1
@@ -65,6 +65,6 @@ def parse(argv: list[str]) -> tuple[str, str] | None:
             command = arg
         elif command in ("exec", "ps"):
             break  # what follows the ID is a process's or ps's own command line
-    if command not in WARM_COMMANDS:
+    if not command:
         return None
     return command, os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY") or os.getcwd(), root)

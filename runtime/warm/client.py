@@ -25,7 +25,8 @@ FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SI
 
 
 class Outcome:
-    """What forward() found: whether the cold path should start a server afterwards."""
+    """What forward() found: whether the cold path should start a server (for the root's next
+    commands: launch.py starts it at once if the root exists, else after the command made it)."""
     server_wanted = False
     root = ""
 
@@ -44,14 +45,17 @@ def forward(argv: list[str]) -> int | None:
     parsed = address.parse(argv)
     if parsed is None:
         return None
-    _, OUTCOME.root = parsed
+    command, OUTCOME.root = parsed
     program = address.program_dir()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         _connect(sock, address.socket_path(OUTCOME.root, program))
     except OSError:
-        OUTCOME.server_wanted = True
+        OUTCOME.server_wanted = True  # any command on the root starts one (`factory status` too)
         sock.close()
+        return None
+    if command not in address.WARM_COMMANDS:
+        sock.close()  # a server is up; this command runs cold
         return None
     if wire.peer_uid(sock) not in (0, os.geteuid()):
         sock.close()  # not a server of ours: never hand it our stdio

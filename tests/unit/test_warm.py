@@ -34,8 +34,6 @@ def test_commands_that_run_warm(argv, expected):
 
 @pytest.mark.parametrize("argv", [
     ["kata-runtime"],
-    ["kata-runtime", "exec", "c1", "sh"],  # a detached exec's holder must be the caller's child
-    ["kata-runtime", "factory", "init"],
     ["kata-runtime", "--help"],
     ["kata-runtime", "--version"],
     ["kata-runtime", "-v"],
@@ -44,6 +42,15 @@ def test_commands_that_run_warm(argv, expected):
 ])
 def test_command_lines_left_to_the_cold_path(argv):
     assert address.parse(argv) is None
+
+
+@pytest.mark.parametrize("argv", [
+    ["kata-runtime", "exec", "c1", "sh"],  # a detached exec's holder must be the caller's child
+    ["kata-runtime", "factory", "init"],  # runs for as long as the VMCache server
+])
+def test_commands_that_run_cold_but_start_a_server(argv):
+    command, root = address.parse(argv)
+    assert command not in address.WARM_COMMANDS and root == address.DEFAULT_ROOT
 
 
 def test_value_flags_are_the_runtimes():
@@ -158,6 +165,11 @@ def test_a_warm_server_answers_as_the_cold_command_line(root):
     assert [m.returncode for m in missing] == [1, 1] and missing[0].stderr == missing[1].stderr
     assert "does not exist" in missing[0].stderr
     assert _server_pid(root) == server  # the same server answered
+
+
+def test_a_cold_command_starts_the_server_for_the_next(root):
+    _runtime(root, "factory", "status")  # not run warm, but a user's first look at the factory
+    _wait_for(lambda: _server_pid(root))
 
 
 def test_the_server_leaves_with_its_root(root):
