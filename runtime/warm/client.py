@@ -128,8 +128,8 @@ def start_server(root: str) -> None:
     boot = (f"import json, os, sys; sys.path[:0] = json.loads(os.environ.pop({PATH_ENV!r})); "
             f"from runtime.warm import server; server.main(os.environ.pop({ROOT_ENV!r}))")
     argv = [sys.executable, "-I", "-c", boot]
-    os.environ[ROOT_ENV] = root
-    os.environ[PATH_ENV] = json.dumps(sys.path)
+    # Its own environment only: the cold command goes on, and its shim, hooks and QEMU inherit ours.
+    env = {**os.environ, ROOT_ENV: root, PATH_ENV: json.dumps(sys.path)}
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -144,6 +144,6 @@ def start_server(root: str) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        os.execv(sys.executable, argv)
+        os.execve(sys.executable, argv, env)
     finally:
         os._exit(1)
