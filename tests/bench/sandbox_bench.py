@@ -283,6 +283,18 @@ async def measure_ctr_run(bench: runner.Bench, root: str, cache: Runtime, server
         result["leaks"] = ctr.stop()  # before the server stops: containerd's tasks hold its VMs
 
 
+def _phase_medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each phase's median over the runs (0 where a run lacks it), phases in first-seen order."""
+    labels = dict.fromkeys(label for run in runs for label in run)
+    return {label: common.percentile([run.get(label, 0.0) for run in runs], 50) for label in labels}
+
+
+def _phase_rows(columns: dict[str, dict[str, float]]) -> list[list[str]]:
+    """A phase table's rows: one per phase of any column, blank where a column lacks it."""
+    labels = dict.fromkeys(label for medians in columns.values() for label in medians)
+    return [[label] + [common.fmt_ms(m[label]) if label in m else "" for m in columns.values()] for label in labels]
+
+
 def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], extra: dict[str, Any]) -> None:
     ctr = extra.get("ctr_run", CTR_RUN_SKIPPED)
     ctr_runs: list[dict[str, Any]] = ctr["runs"] if isinstance(ctr, dict) else []
@@ -305,18 +317,13 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
 
     phase_runs = {k: [r["phases"] for r in samples[k] if r["phases"]] for k, _, _ in STRATEGIES}
     phase_runs[CTR_KEY] = [p["phases"] for p in ctr["probes"] if p["phases"]] if isinstance(ctr, dict) else []
-    medians: dict[str, dict[str, float]] = {}
-    for k, runs in phase_runs.items():
-        labels = list(dict.fromkeys(label for p in runs for label in p))
-        medians[k] = {label: common.percentile([p.get(label, 0.0) for p in runs], 50) for label in labels}
+    medians = {k: _phase_medians(runs) for k, runs in phase_runs.items()}
     section.data["phase_medians_ms"] = medians
-    columns = [k for k in phase_runs if medians[k]]
+    columns = {k: medians[k] for k in phase_runs if medians[k]}
     if columns:
-        labels = list(dict.fromkeys(label for k in columns for label in medians[k]))
         section.tables.append(common.Table(
-            "Where `create` spends its time (median per phase, from `--debug`)", ["phase"] + columns,
-            [[label] + [common.fmt_ms(medians[k][label]) if label in medians[k] else "" for k in columns]
-             for label in labels],
+            "Where `create` spends its time (median per phase, from `--debug`)", ["phase"] + list(columns),
+            _phase_rows(columns),
             f"{CTR_KEY}: the runtime's io.katacontainers.timing.ms annotation of {len(phase_runs[CTR_KEY])} "
             "untimed `ctr run -d` probes before the timed runs (a `--rm` run's state is gone when it exits)."
             if phase_runs[CTR_KEY] else ""))
@@ -324,17 +331,13 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
     run_medians: dict[str, dict[str, float]] = {}
     for k, _, _ in STRATEGIES:
         runs = [r["run_phases"] for r in samples[k] if r.get("run_phases")]
-        labels = list(dict.fromkeys(label for p in runs for label in p))
         if runs:
-            run_medians[k] = {label: common.percentile([p.get(label, 0.0) for p in runs], 50) for label in labels}
-            run_medians[k]["first output line"] = stats[k]["first_ms"]["p50"]
+            run_medians[k] = {**_phase_medians(runs), "first output line": stats[k]["first_ms"]["p50"]}
     section.data["run_phase_medians_ms"] = run_medians
     if run_medians:
-        labels = list(dict.fromkeys(label for m in run_medians.values() for label in m))
         section.tables.append(common.Table(
             "Where `kata-runtime run` waits for its first line (median per phase)", ["phase"] + list(run_medians),
-            [[label] + [common.fmt_ms(m[label]) if label in m else "" for m in run_medians.values()]
-             for label in labels],
+            _phase_rows(run_medians),
             "command line to shim create: from spawning the command to the shim beginning create (the "
             "command line, warm: handed to the runtime's warm server, whose worker forks the shim; cold: a "
             "fresh interpreter importing the runtime, which forks the shim). Then create's phases (table above). "
@@ -343,8 +346,7 @@ def _report(section: common.Section, samples: dict[str, list[dict[str, Any]]], e
 
     ctr_phases = [r["phases"] for r in ctr_runs if r.get("phases")]
     if ctr_phases:
-        labels = list(dict.fromkeys(label for p in ctr_phases for label in p))
-        ctr_medians = {label: common.percentile([p.get(label, 0.0) for p in ctr_phases], 50) for label in labels}
+        ctr_medians = _phase_medians(ctr_phases)
         section.data["ctr_phase_medians_ms"] = ctr_medians
         section.tables.append(common.Table(
             "Where `ctr run` waits for its first line (median per phase, from containerd's events)",

@@ -2,40 +2,22 @@
 import asyncio
 import json
 import os
-import tempfile
-
-import grpc
-from google.protobuf import empty_pb2
 
 from factory import ownership
 from factory.factory import Factory
 from factory.grpccache import OWNER_KIND_KEY, OWNER_PID_KEY, OWNER_START_TIME_KEY, _claim_metadata
 from factory.ownership import Owner, OwnerKind
 from native import vmstate
-from tests.unit import fakes
+from tests.unit import cache_server, fakes
 from vmcache.service import CacheService, PreparedReplies, grpc_vm_bytes
 
 
 def _get_base_vm(base: fakes.FlakyBase, metadata, replies: PreparedReplies | None = None) -> vmstate.GrpcVMFields:
-    workdir = tempfile.TemporaryDirectory(prefix="kvf-u-", dir="/tmp")  # short: a socket path
-    socket_path = os.path.join(workdir.name, "cache.sock")
-
     async def body():
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers([CacheService(Factory(base), lambda: None, replies=replies).handler()])
-        server.add_insecure_port(f"unix:{socket_path}")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
-                call = channel.unary_unary("/cache.CacheService/GetBaseVM",
-                                           request_serializer=empty_pb2.Empty.SerializeToString,
-                                           response_deserializer=vmstate.decode_grpc_vm)
-                return await call(empty_pb2.Empty(), metadata=metadata, timeout=10)
-        finally:
-            await server.stop(0)
+        async with cache_server.serving(CacheService(Factory(base), lambda: None, replies=replies)) as get_base_vm:
+            return await get_base_vm(metadata=metadata, timeout=10)
 
-    with workdir:
-        return asyncio.run(body())
+    return asyncio.run(body())
 
 
 def test_the_caller_is_recorded_as_owner_with_the_kind_and_container_it_acts_as():
